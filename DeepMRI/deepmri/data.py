@@ -38,7 +38,9 @@ class SampleDataMissing(DeepMRIError):
 def _nilearn_data_dir() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or spec.origin is None:
-        raise SampleDataMissing("The MNI152 sample needs the 'nilearn' package: pip install nilearn")
+        raise SampleDataMissing(
+            "The MNI152 sample needs the 'nilearn' package: pip install nilearn"
+        )
     return Path(spec.origin).parent / "datasets" / "data"
 
 

@@ -7,7 +7,8 @@ units of work so a Cancel button (or Ctrl-C in the CLI) stops it promptly.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from deepmri.errors import Cancelled
 

@@ -34,4 +34,6 @@ class Settings:
             for part in os.environ.get("DEEPMRI_MODEL_PATH", "").split(os.pathsep)
             if part
         )
-        return cls(device=os.environ.get("DEEPMRI_DEVICE") or None, home=home, extra_model_paths=extra)
+        return cls(
+            device=os.environ.get("DEEPMRI_DEVICE") or None, home=home, extra_model_paths=extra
+        )

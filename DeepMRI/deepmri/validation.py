@@ -56,7 +56,9 @@ def validate_image(image: sitk.Image, name: str = "The input") -> None:
 def _check_geometry(image: sitk.Image, name: str) -> None:
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise InvalidImageError(f"{name} has invalid voxel spacing {tuple(spacing)}; fix its header.")
+        raise InvalidImageError(
+            f"{name} has invalid voxel spacing {tuple(spacing)}; fix its header."
+        )
     if np.any(spacing > 50) or np.any(spacing < 0.01):
         raise InvalidImageError(
             f"{name} has voxel spacing {tuple(np.round(spacing, 4))} mm, which is not a plausible "
