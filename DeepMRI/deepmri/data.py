@@ -12,6 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from deepmri.errors import DeepMRIError
@@ -78,3 +79,22 @@ def load_colin27(kind: str = "t1") -> sitk.Image:
 
 def colin27_available() -> bool:
     return (MRICRON_TEMPLATES / COLIN_FILES["t1"]).exists()
+
+
+def mni152_tissue_labels() -> sitk.Image:
+    """Hard tissue labels on the MNI152 grid: 0 background, 1 CSF, 2 grey matter, 3 white matter.
+
+    GM and WM are the template's probability maps; CSF is the rest of the non-zero (skull-stripped)
+    T1. Each voxel takes the most probable class, so the three classes tile the brain exactly.
+    """
+    t1 = sitk.GetArrayFromImage(load_mni152("t1")).astype("float32")
+    grey = sitk.GetArrayFromImage(load_mni152("gm")).astype("float32") / 255.0
+    white = sitk.GetArrayFromImage(load_mni152("wm")).astype("float32") / 255.0
+    inside = t1 > 0
+    csf = (1.0 - grey - white).clip(0.0, 1.0)
+    stacked = np.stack([csf, grey, white])
+    labels = (np.argmax(stacked, axis=0) + 1).astype("uint8")
+    labels[~inside] = 0
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(load_mni152("t1"))
+    return image
