@@ -1,0 +1,211 @@
+"""Batch over a cohort: a corrupt case fails alone, finished cases are not redone, shards cover all.
+
+Cases are real MRI from packages (nibabel's small head, MNI152 at 4 mm); the fast task is the
+classical brain mask, and one case also goes through the learned segment task when its models exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+from deepmri import Cancelled, CancelToken
+from deepmri.batch import (
+    DONE_MARKER,
+    FAILED_MARKER,
+    Case,
+    CaseListError,
+    TaskOutput,
+    available_tasks,
+    is_done,
+    read_cases,
+    register_task,
+    run_batch,
+    select_cases,
+)
+from deepmri.cli import main
+from deepmri.geometry import resample_to_spacing, same_geometry
+from deepmri.io import write_image
+
+TASK = "brain-mask-classical"
+
+
+def _nibabel_head() -> Path:
+    nibabel = pytest.importorskip("nibabel")
+    return Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+
+
+@pytest.fixture
+def cohort(tmp_path, mni_t1) -> Path:
+    """Three cases: two real scans and one corrupt file, listed with a relative path."""
+    write_image(resample_to_spacing(mni_t1, [4.0, 4.0, 4.0]), tmp_path / "scans" / "mni.nii.gz")
+    (tmp_path / "scans" / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    rows = [
+        ("head-01", str(_nibabel_head())),
+        ("broken-02", "scans/broken.nii.gz"),
+        ("mni-03", "scans/mni.nii.gz"),
+    ]
+    path = tmp_path / "cases.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "input"])
+        writer.writerows(rows)
+    return path
+
+
+def _summary(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as handle:
+        return {row["id"]: row for row in csv.DictReader(handle)}
+
+
+def test_corrupt_case_fails_alone_and_rerun_does_not_redo_finished_cases(cohort, tmp_path, capsys):
+    output = tmp_path / "out"
+    status = main(["batch", str(cohort), "--task", TASK, "-o", str(output)])
+    captured = capsys.readouterr()
+    assert status == 1  # a case failed, the others finished
+    summary = _summary(output / "summary.csv")
+    assert {case: row["status"] for case, row in summary.items()} == {
+        "head-01": "done",
+        "broken-02": "failed",
+        "mni-03": "done",
+    }
+    assert "broken.nii.gz" in summary["broken-02"]["message"]
+    assert "FAILED broken-02" in captured.err and "case 3/3" in captured.err
+    assert "2 done, 1 failed, 0 pending" in captured.out
+    # The mask lies on the input grid and holds a plausible brain volume (MNI brain ~1.5-1.9 L).
+    labels = sitk.ReadImage(str(output / "mni-03" / "labels.nii.gz"))
+    mni = sitk.ReadImage(str(tmp_path / "scans" / "mni.nii.gz"))
+    assert same_geometry(labels, mni, tolerance=1e-5)
+    assert 1000 < float(summary["mni-03"]["Brain (mL)"]) < 2200
+    assert "FAILED" in (output / "broken-02" / "log.txt").read_text()
+
+    finished = {
+        case: (output / case / DONE_MARKER).stat().st_mtime_ns for case in ("head-01", "mni-03")
+    }
+    status = main(["batch", str(cohort), "--task", TASK, "-o", str(output)])
+    assert status == 1
+    assert "already done, skipped" in capsys.readouterr().err
+    for case, stamp in finished.items():
+        assert (output / case / DONE_MARKER).stat().st_mtime_ns == stamp
+
+    # Repairing the broken scan and running again finishes the cohort.
+    write_image(mni, tmp_path / "scans" / "broken.nii.gz")
+    assert main(["batch", str(cohort), "--task", TASK, "-o", str(output)]) == 0
+    summary = _summary(output / "summary.csv")
+    assert all(row["status"] == "done" for row in summary.values())
+    assert not (output / "broken-02" / FAILED_MARKER).exists()
+    for case, stamp in finished.items():
+        assert (output / case / DONE_MARKER).stat().st_mtime_ns == stamp
+
+
+def test_interrupted_batch_leaves_no_partial_output_and_resumes(cohort, tmp_path):
+    cases = read_cases(cohort)
+    cases = [case for case in cases if case.id != "broken-02"]
+    output = tmp_path / "out"
+    token = CancelToken()
+
+    def cancel_during_second_case(fraction: float, message: str) -> None:
+        if message.startswith("case 2/2"):
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        run_batch(cases, TASK, output, progress=cancel_during_second_case, cancel=token)
+    assert is_done(output, cases[0], TASK)
+    second = output / cases[1].id
+    assert not is_done(output, cases[1], TASK)
+    assert [p.name for p in second.iterdir()] == ["log.txt"]  # no output, no partial file
+    assert _summary(output / "summary.csv")[cases[1].id]["status"] == "pending"
+
+    report = run_batch(cases, TASK, output)
+    assert [result.status for result in report.results] == ["skipped", "done"]
+
+
+def test_shards_and_case_index_cover_every_case_exactly_once():
+    cases = [Case(f"c{i}", Path(f"{i}.nii.gz"), index=i) for i in range(7)]
+    shards = [select_cases(cases, shard=f"{i}/3") for i in range(3)]
+    assert sorted(case.id for shard in shards for case in shard) == sorted(c.id for c in cases)
+    assert [case.id for case in shards[1]] == ["c1", "c4"]
+    assert select_cases(cases, case_index=5) == [cases[5]]
+    with pytest.raises(CaseListError, match="outside the case list"):
+        select_cases(cases, case_index=7)
+    with pytest.raises(CaseListError, match="i/n"):
+        select_cases(cases, shard="3/3")
+
+
+def test_shards_run_separately_share_one_complete_summary(cohort, tmp_path):
+    output = tmp_path / "out"
+    for shard in ("0/2", "1/2"):
+        main(["batch", str(cohort), "--task", TASK, "-o", str(output), "--shard", shard])
+    summary = _summary(output / "summary.csv")
+    assert sorted(summary) == ["broken-02", "head-01", "mni-03"]
+    assert [summary[c]["status"] for c in ("head-01", "broken-02", "mni-03")] == [
+        "done",
+        "failed",
+        "done",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("name,input\na,b.nii\n", "no column id"),
+        ("id,input\na,x.nii\na,y.nii\n", "appears twice"),
+        ("id,input\n../up,x.nii\n", "names the output folder"),
+        ("id,input\na,\n", "has no input"),
+    ],
+)
+def test_malformed_case_list_is_rejected_with_the_line_at_fault(tmp_path, text, complaint):
+    path = tmp_path / "cases.csv"
+    path.write_text(text)
+    with pytest.raises(CaseListError, match=complaint):
+        read_cases(path)
+
+
+def test_model_column_overrides_the_default_and_reaches_the_task(tmp_path, mni_t1):
+    seen: dict[str, str | None] = {}
+
+    def record_model(image, *, model, device, options, progress, cancel) -> TaskOutput:
+        seen[str(image.GetSize())] = model
+        return TaskOutput({"copy": image}, {"model seen": model or ""}, model)
+
+    register_task("record-model", record_model, replace=True)
+    assert "record-model" in available_tasks() and "segment" in available_tasks()
+    write_image(resample_to_spacing(mni_t1, [6.0, 6.0, 6.0]), tmp_path / "a.nii.gz")
+    write_image(resample_to_spacing(mni_t1, [8.0, 8.0, 8.0]), tmp_path / "b.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input,model\na,a.nii.gz,special\nb,b.nii.gz,\n")
+    report = run_batch(
+        read_cases(tmp_path / "cases.csv"), "record-model", tmp_path / "o", model="fallback"
+    )
+    assert sorted(seen.values()) == ["fallback", "special"]
+    assert [row["model seen"] for row in report.summary_rows] == ["special", "fallback"]
+    marker = json.loads((tmp_path / "o" / "a" / DONE_MARKER).read_text())
+    assert marker["outputs"] == ["copy.nii.gz"] and marker["requested_model"] == "special"
+
+
+def _segment_model_available() -> bool:
+    try:
+        from deepmri.models import ModelStore
+
+        ModelStore().get("brain-extraction")
+    except Exception:  # noqa: BLE001 - any failure means the bundled model is not there yet
+        return False
+    return True
+
+
+def test_one_case_through_the_learned_segment_task(tmp_path, mni_t1):
+    if not _segment_model_available():
+        pytest.skip("the bundled brain-extraction model is not installed yet")
+    write_image(resample_to_spacing(mni_t1, [2.0, 2.0, 2.0]), tmp_path / "mni.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input,model\nmni,mni.nii.gz,brain-extraction\n")
+    output = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "cases.csv"), "-o", str(output), "--device", "cpu"]) == 0
+    summary = _summary(output / "summary.csv")
+    assert summary["mni"]["status"] == "done"
+    assert summary["mni"]["model"] == "brain-extraction"
+    labels = sitk.ReadImage(str(output / "mni" / "labels.nii.gz"))
+    assert same_geometry(labels, sitk.ReadImage(str(tmp_path / "mni.nii.gz")), tolerance=1e-5)
+    brain_ml = float(sitk.GetArrayViewFromImage(labels).astype(bool).sum()) * 8 / 1000
+    assert 1000 < brain_ml < 2200
