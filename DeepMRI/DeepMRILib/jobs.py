@@ -1,0 +1,315 @@
+"""Background jobs: long work runs in a separate Python process, fed through a temporary folder.
+
+Slicer's GUI stays responsive: the widget polls `Job.poll()` from a timer, shows its progress events
+and calls `Job.cancel()` from its Cancel button. No Qt here, so it runs and is tested anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+from deepmri.errors import Cancelled, DeepMRIError
+from deepmri.io import read_image, write_image
+
+RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
+DEFAULT_CANCEL_GRACE_S = 2.0
+OUTPUT_FOLDER = "outputs"
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+class JobError(DeepMRIError):
+    """The background task failed; the message is the worker's own (no traceback)."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report from the worker: a fraction in [0, 1] and what it is doing."""
+
+    fraction: float
+    message: str
+
+
+@dataclass
+class JobResult:
+    """Output images read back into memory (by name) and the task's info dictionary."""
+
+    outputs: dict[str, sitk.Image]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def worker_python() -> str:
+    """The Python that runs workers: Slicer's PythonSlicer inside Slicer, else this interpreter.
+
+    Inside Slicer `sys.executable` can be the application itself, which would open a second
+    Slicer; PythonSlicer is Slicer's own Python with the same packages.
+    """
+    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
+        python_slicer = shutil.which("PythonSlicer")
+        if python_slicer:
+            return python_slicer
+    return sys.executable
+
+
+def _worker_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """Environment for the child: `deepmri`'s folder first on its path, unbuffered output.
+
+    A PYTHONPATH in `extra` is added to the path (not substituted), so plug-in functions
+    named in a request can be imported next to `deepmri`.
+    """
+    import deepmri
+
+    extra = dict(extra or {})
+    package_parent = str(Path(deepmri.__file__).resolve().parent.parent)
+    environment = dict(os.environ)
+    paths = [package_parent]
+    for value in (extra.pop("PYTHONPATH", ""), environment.get("PYTHONPATH", "")):
+        paths.extend(part for part in value.split(os.pathsep) if part)
+    environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    environment["PYTHONUNBUFFERED"] = "1"
+    environment.update(extra)
+    return environment
+
+
+class Job:
+    """A running worker process; poll it for progress, cancel it, or collect its result.
+
+    Examples:
+        >>> job = start_job("smooth", {"image": image}, {"sigma_mm": 2.0})  # doctest: +SKIP
+        >>> while not job.done:  # doctest: +SKIP
+        ...     for event in job.poll():
+        ...         print(f"{event.fraction:.0%} {event.message}")
+        >>> smoothed = job.result().outputs["image"]  # doctest: +SKIP
+    """
+
+    def __init__(self, task: str, process: subprocess.Popen, folder: Path) -> None:
+        self.task = task
+        self.folder = folder
+        self.fraction = 0.0
+        self.message = "Starting"
+        self._process = process
+        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._final: dict[str, Any] | None = None
+        self._state = RUNNING
+        self._cancel_requested = False
+        self._result: JobResult | None = None
+        self._output_lines: list[str] = []
+        self._unread: list[ProgressEvent] = []
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
+
+    # The reader thread only moves lines into a queue; state changes happen in _drain().
+    def _read_stdout(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "log", "message": line}
+            if not isinstance(event, dict):
+                event = {"event": "log", "message": line}
+            self._events.put(event)
+        self._events.put(None)
+
+    @property
+    def state(self) -> str:
+        """running, succeeded, failed or cancelled (up to date as of the last poll)."""
+        return self._state
+
+    @property
+    def done(self) -> bool:
+        """True once the worker has ended and all its events have been read (none are lost)."""
+        self._drain()
+        return self._state != RUNNING
+
+    @property
+    def error(self) -> str | None:
+        """The worker's error message when the job failed, else None."""
+        if self._state == FAILED and self._final is not None:
+            return str(self._final.get("message"))
+        return None
+
+    def poll(self) -> list[ProgressEvent]:
+        """Progress events not yet returned by an earlier call; never blocks."""
+        self._drain()
+        events, self._unread = self._unread, []
+        return events
+
+    def _drain(self) -> None:
+        """Move the reader's events into the job's state; progress waits in `_unread` for poll()."""
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if event is None:
+                self._finish()
+                return
+            kind = event.get("event")
+            if kind == "progress":
+                self.fraction = float(event.get("fraction", 0.0))
+                self.message = str(event.get("message", ""))
+                self._unread.append(ProgressEvent(self.fraction, self.message))
+            elif kind in ("result", "error", "cancelled"):
+                self._final = event
+            else:
+                self._output_lines.append(str(event.get("message", "")))
+
+    def _finish(self) -> None:
+        """The worker's stdout closed: settle the state from its last event and exit status."""
+        return_code = self._process.wait()
+        final = self._final or {}
+        if self._cancel_requested or final.get("event") == "cancelled":
+            self._state = CANCELLED
+            self.message = "Cancelled"
+            self._remove_folder()
+        elif final.get("event") == "result" and return_code == 0:
+            self._state = SUCCEEDED
+            self.fraction, self.message = 1.0, "Finished"
+        else:
+            if final.get("event") != "error":
+                self._final = {"event": "error", "message": self._crash_message(return_code)}
+            self._state = FAILED
+            self.message = str(self._final["message"])
+            self._remove_folder()
+
+    def _crash_message(self, return_code: int) -> str:
+        stderr_tail = ""
+        stderr_path = self.folder / "stderr.txt"
+        if stderr_path.exists():
+            lines = [line for line in stderr_path.read_text(errors="replace").splitlines() if line]
+            # The exception line of a traceback ("ValueError: ..."), else the last line written.
+            exception_lines = [line for line in lines if _EXCEPTION_LINE.match(line)]
+            stderr_tail = (exception_lines or lines or [""])[-1]
+        detail = f": {stderr_tail}" if stderr_tail else ""
+        return f"The background process stopped unexpectedly (exit status {return_code}){detail}"
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the worker ends (or `timeout` seconds pass); returns the state."""
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._drain()
+            return self._state
+        self._reader.join(timeout)
+        self._drain()
+        return self._state
+
+    def cancel(self, grace_s: float = DEFAULT_CANCEL_GRACE_S) -> None:
+        """Stop the worker: ask politely (SIGTERM -> cancel token), kill after `grace_s` seconds.
+
+        Partial outputs are deleted with the job's temporary folder.
+        """
+        if self._state != RUNNING:
+            return
+        self._cancel_requested = True
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._reader.join()
+        self._drain()
+
+    def result(self) -> JobResult:
+        """The outputs, read into memory (the temporary folder is then deleted).
+
+        Raises `JobError` with the worker's message if it failed, `Cancelled` if cancelled.
+        """
+        if self._result is not None:
+            return self._result
+        state = self.wait()
+        if state == CANCELLED:
+            raise Cancelled("The job was cancelled; nothing was written.")
+        if state == FAILED:
+            raise JobError(self.error or "The background job failed.")
+        final = self._final or {}
+        try:
+            outputs = {
+                name: read_image(self.folder / OUTPUT_FOLDER / file_name)
+                for name, file_name in final.get("outputs", {}).items()
+            }
+        finally:
+            self._remove_folder()
+        self._result = JobResult(outputs, dict(final.get("info", {})))
+        return self._result
+
+    @property
+    def log(self) -> list[str]:
+        """Lines the worker printed that were not events (warnings from libraries, for example)."""
+        return list(self._output_lines)
+
+    def _remove_folder(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __del__(self) -> None:
+        # A forgotten job must not keep a process running or leave files behind.
+        process = getattr(self, "_process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+        folder = getattr(self, "folder", None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_job(
+    task: str,
+    inputs: Mapping[str, sitk.Image | str | os.PathLike],
+    options: Mapping[str, Any] | None = None,
+    *,
+    python: str | None = None,
+    environment: Mapping[str, str] | None = None,
+    temporary_root: str | os.PathLike | None = None,
+) -> Job:
+    """Start `task` ("smooth", "segment") in a worker process and return its `Job` at once.
+
+    Images in `inputs` are written to the job's temporary folder (NRRD, geometry intact); paths
+    are passed as they are. `options` must be JSON-serialisable.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f"deepmri-{task}-", dir=temporary_root))
+    try:
+        input_paths = {}
+        for name, value in inputs.items():
+            if isinstance(value, sitk.Image):
+                input_paths[name] = str(write_image(value, folder / f"input_{name}.nrrd", False))
+            else:
+                input_paths[name] = str(Path(value).resolve())
+        request = {
+            "task": task,
+            "inputs": input_paths,
+            "options": dict(options or {}),
+            "output_dir": str(folder / OUTPUT_FOLDER),
+        }
+        request_path = folder / "request.json"
+        request_path.write_text(json.dumps(request, indent=1), encoding="utf-8")
+        with open(folder / "stderr.txt", "wb") as stderr:
+            process = subprocess.Popen(
+                [python or worker_python(), "-m", "deepmri.worker", str(request_path)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=_worker_environment(environment),
+                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+            )
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Job(task, process, folder)
