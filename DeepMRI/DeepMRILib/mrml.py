@@ -457,8 +457,7 @@ def place_next_to(node: Any, reference_node: Any) -> None:
     In the Slicer app every node has a subject hierarchy item; where the reference has none
     (a bare MRML scene) nothing is done.
     """
-    scene = node.GetScene()
-    hierarchy = scene.GetSubjectHierarchyNode() if scene is not None else None
+    hierarchy = _existing_hierarchy(node.GetScene())
     if hierarchy is None:
         return
     reference_item = hierarchy.GetItemByDataNode(reference_node)
@@ -470,6 +469,13 @@ def place_next_to(node: Any, reference_node: Any) -> None:
         hierarchy.SetItemParent(item, parent)
     else:
         hierarchy.CreateItem(parent, node)
+
+
+def _existing_hierarchy(scene: Any) -> Any | None:
+    """The scene's subject hierarchy node if it has one (asking the scene would create one)."""
+    if scene is None:
+        return None
+    return scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")
 
 
 def remove_nodes(scene: Any, nodes: Iterable[Any]) -> None:
@@ -487,7 +493,7 @@ def remove_nodes(scene: Any, nodes: Iterable[Any]) -> None:
             storage = node.GetStorageNode()
             if storage is not None:
                 scene.RemoveNode(storage)
-        hierarchy = scene.GetSubjectHierarchyNode()
+        hierarchy = _existing_hierarchy(scene)
         item = hierarchy.GetItemByDataNode(node) if hierarchy is not None else 0
         scene.RemoveNode(node)
         if item and hierarchy.GetItemByDataNode(node) == item:

@@ -1,0 +1,258 @@
+"""Segmentation logic on real slicer-core MRML: new nodes, untouched input, ROI, all-or-nothing.
+
+A real threshold segmenter with the core's signature stands in for trained models; the real
+`deepmri.tasks.segment` runs too where bundled models are installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+
+from conftest import make_oblique_image  # noqa: E402
+from deepmri.errors import Cancelled, InvalidImageError  # noqa: E402
+from deepmri.progress import CancelToken  # noqa: E402
+from DeepMRILib import jobs, mrml  # noqa: E402
+from DeepMRILib.segmentation import ROIError, SegmentationLogic  # noqa: E402
+from threshold_segmenter import LABELS, failing_segment, threshold_segment  # noqa: E402
+
+TESTING_DIR = str(Path(__file__).resolve().parent)
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    # As in the Slicer application, where the scene always has its subject hierarchy node
+    # (here segmentation import would otherwise create it, which is not a change we make).
+    scene.GetSubjectHierarchyNode()
+    yield scene
+    scene.Clear(True)
+
+
+@pytest.fixture
+def input_node(scene):
+    # A smooth oblique head-like volume: a bright ellipsoid with a darker core.
+    image = make_oblique_image(size=(40, 36, 24))
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in (24, 36, 40)], indexing="ij")
+    radius = np.sqrt(i**2 + j**2 + k**2)
+    array = np.where(radius < 0.9, 300 - 200 * radius, 0).astype(np.float32)
+    head = sitk.GetImageFromArray(array)
+    head.CopyInformation(image)
+    return mrml.volume_node_from_image(head, scene, "MRHead")
+
+
+def fingerprint(node) -> tuple:
+    """Voxel hash and geometry of a node, to prove it was not modified."""
+    voxels = hashlib.sha256(slicer.util.arrayFromVolume(node).tobytes()).hexdigest()
+    return voxels, mrml.geometry_from_node(node), node.GetName(), node.GetImageData().GetMTime()
+
+
+def scene_state(scene) -> list[str]:
+    return sorted(scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes()))
+
+
+def test_run_adds_named_segments_and_leaves_the_input_untouched(scene, input_node):
+    before = fingerprint(input_node)
+    image = mrml.image_from_volume_node(input_node)
+    logic = SegmentationLogic(scene, segment_function=threshold_segment)
+    reported = []
+    outputs = logic.run(
+        input_node, "threshold-model", labelmap=True, progress=lambda f, m: reported.append(f)
+    )
+    assert fingerprint(input_node) == before
+    segmentation = outputs.segmentation
+    assert segmentation.GetName() == "MRHead segmentation (threshold model)"
+    assert segmentation.GetAttribute("DeepMRI.model") == "threshold-model"
+    names = [
+        segmentation.GetSegmentation().GetNthSegment(i).GetName()
+        for i in range(segmentation.GetSegmentation().GetNumberOfSegments())
+    ]
+    assert names == ["Dark", "Middle", "Bright"]
+    expected = sitk.GetArrayFromImage(threshold_segment(image).labels)
+    exported = mrml.labels_from_segmentation_node(segmentation, input_node)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(exported), expected)
+    labelmap = mrml.image_from_volume_node(outputs.labelmap)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labelmap), expected)
+    np.testing.assert_allclose(labelmap.GetDirection(), image.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(labelmap.GetOrigin(), image.GetOrigin(), atol=1e-9)
+    assert reported == sorted(reported) and reported[-1] == 1.0
+
+
+def test_probabilities_and_uncertainty_become_volumes_on_the_input_grid(scene, input_node):
+    logic = SegmentationLogic(scene, segment_function=threshold_segment)
+    outputs = logic.run(input_node, "threshold", probabilities=True, uncertainty=True)
+    assert list(outputs.probabilities) == ["Dark", "Middle", "Bright"]
+    middle = outputs.probabilities["Middle"]
+    assert middle.GetName() == "MRHead Middle probability (threshold)"
+    image = mrml.image_from_volume_node(middle)
+    expected = threshold_segment(mrml.image_from_volume_node(input_node), probabilities=True)
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected.probabilities["Middle"])
+    )
+    assert outputs.uncertainty.GetName() == "MRHead uncertainty (threshold)"
+    assert len(outputs.nodes) == 5
+
+
+def test_roi_segments_only_inside_it_and_pastes_into_the_full_grid(scene, input_node):
+    full = mrml.image_from_volume_node(input_node)
+    # Voxels i 10..19, j 8..17, k 6..11: corner voxel centres, the ROI reaching half a voxel beyond.
+    low = np.array(full.TransformIndexToPhysicalPoint((10, 8, 6)))
+    high = np.array(full.TransformIndexToPhysicalPoint((19, 17, 11)))
+    # An ROI aligned with the (oblique) voxel axes, its frame given by the volume's directions.
+    axes = np.eye(4)
+    axes[:3, :3] = mrml.LPS_TO_RAS @ np.asarray(full.GetDirection()).reshape(3, 3)
+    axes[:3, 3] = mrml.LPS_TO_RAS @ ((low + high) / 2)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(axes))
+    size = np.array([9, 9, 5]) * np.array(full.GetSpacing())
+    roi.SetSize(*size)
+    logic = SegmentationLogic(scene, segment_function=threshold_segment)
+    outputs = logic.run(input_node, "threshold", roi_node=roi, labelmap=True)
+    labels = sitk.GetArrayFromImage(mrml.image_from_volume_node(outputs.labelmap))
+    inside = np.zeros(labels.shape, dtype=bool)
+    inside[6:12, 8:18, 10:20] = True
+    assert labels[~inside].max() == 0
+    part = full[10:20, 8:18, 6:12]
+    np.testing.assert_array_equal(
+        labels[inside].reshape(6, 10, 10), sitk.GetArrayFromImage(threshold_segment(part).labels)
+    )
+    assert outputs.result.provenance["crop_box"] == [(10, 8, 6), (20, 18, 12)]
+
+
+def test_roi_outside_the_volume_is_refused_and_adds_nothing(scene, input_node):
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far away")
+    roi.SetCenter(5000.0, 5000.0, 5000.0)
+    roi.SetSize(10.0, 10.0, 10.0)
+    before = scene_state(scene)
+    logic = SegmentationLogic(scene, segment_function=threshold_segment)
+    with pytest.raises(ROIError, match="does not overlap"):
+        logic.run(input_node, roi_node=roi)
+    assert scene_state(scene) == before
+
+
+def test_a_failing_model_leaves_the_scene_unchanged(scene, input_node):
+    before, fingerprint_before = scene_state(scene), fingerprint(input_node)
+    logic = SegmentationLogic(scene, segment_function=failing_segment)
+    with pytest.raises(InvalidImageError, match="No brain was found"):
+        logic.run(input_node, probabilities=True)
+    assert scene_state(scene) == before
+    assert fingerprint(input_node) == fingerprint_before
+
+
+def test_cancel_during_the_run_leaves_the_scene_unchanged(scene, input_node):
+    before = scene_state(scene)
+    token = CancelToken()
+
+    def cancel_at_first_report(fraction: float, message: str) -> None:
+        token.cancel()
+
+    logic = SegmentationLogic(scene, segment_function=threshold_segment)
+    with pytest.raises(Cancelled):
+        logic.run(input_node, progress=cancel_at_first_report, cancel=token)
+    assert scene_state(scene) == before
+
+
+def test_a_failure_while_adding_nodes_removes_those_already_added(scene, input_node):
+    def broken_uncertainty(image, model, **options):
+        result = threshold_segment(image, model, **options)
+        result.uncertainty = image[:, :, 0]  # 2D: cannot become a volume node
+        return result
+
+    hierarchy = scene.GetSubjectHierarchyNode()
+    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "Study")
+    hierarchy.CreateItem(study, input_node)
+    before = scene_state(scene)
+    logic = SegmentationLogic(scene, segment_function=broken_uncertainty)
+    with pytest.raises(mrml.MRMLConversionError):
+        logic.run(input_node, probabilities=True, uncertainty=True, labelmap=True)
+    assert scene_state(scene) == before
+    assert hierarchy.GetNumberOfItemChildren(study) == 1
+
+
+def test_outputs_sit_next_to_the_input_in_the_subject_hierarchy(scene, input_node):
+    hierarchy = scene.GetSubjectHierarchyNode()
+    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "Study")
+    hierarchy.CreateItem(study, input_node)
+    outputs = SegmentationLogic(scene, segment_function=threshold_segment).run(
+        input_node, probabilities=True
+    )
+    for node in outputs.nodes:
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+
+
+def background_logic(scene) -> SegmentationLogic:
+    return SegmentationLogic(
+        scene,
+        worker_function="threshold_segmenter:threshold_segment",
+        worker_environment={"PYTHONPATH": TESTING_DIR},
+    )
+
+
+def test_background_run_gives_the_same_nodes_as_the_console_run(scene, input_node):
+    job = background_logic(scene).start(input_node, "threshold", probabilities=True)
+    events = []
+    while not job.done:
+        events.extend(job.poll())
+        time.sleep(0.02)
+    outputs = job.finish()
+    assert events and events[-1].fraction == 1.0
+    assert outputs.segmentation.GetName() == "MRHead segmentation (threshold)"
+    expected = threshold_segment(mrml.image_from_volume_node(input_node), probabilities=True)
+    exported = mrml.labels_from_segmentation_node(outputs.segmentation, input_node)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(expected.labels)
+    )
+    assert list(outputs.probabilities) == [label["name"] for label in LABELS]
+
+
+def test_background_failure_reports_the_model_message_and_adds_nothing(scene, input_node):
+    logic = SegmentationLogic(
+        scene,
+        worker_function="threshold_segmenter:failing_segment",
+        worker_environment={"PYTHONPATH": TESTING_DIR},
+    )
+    before = scene_state(scene)
+    job = logic.start(input_node)
+    with pytest.raises(jobs.JobError, match="No brain was found in the input; is this a brain MRI"):
+        job.finish()
+    assert scene_state(scene) == before
+
+
+def _bundled_models() -> set[str]:
+    try:
+        from deepmri.models import ModelStore
+
+        return {info.id for info in ModelStore().list()}
+    except Exception:
+        return set()
+
+
+@pytest.mark.skipif(
+    "brain-extraction" not in _bundled_models(), reason="no bundled brain-extraction model yet"
+)
+def test_real_brain_extraction_model_through_the_logic(scene):
+    from deepmri.data import load_mni152
+    from deepmri.geometry import resample_to_spacing
+
+    image = resample_to_spacing(load_mni152("t1"), (3.0, 3.0, 3.0))
+    node = mrml.volume_node_from_image(image, scene, "MNI")
+    before = fingerprint(node)
+    outputs = SegmentationLogic(scene).run(node, "brain-extraction", device="cpu")
+    assert fingerprint(node) == before
+    segmentation = outputs.segmentation.GetSegmentation()
+    card_names = [label["name"] for label in outputs.result.label_info]
+    assert [
+        segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
+    ] == card_names
+    labels = sitk.GetArrayFromImage(mrml.labels_from_segmentation_node(outputs.segmentation, node))
+    brain = sitk.GetArrayFromImage(image) > 0
+    overlap = 2 * np.sum((labels > 0) & brain) / (np.sum(labels > 0) + np.sum(brain))
+    assert overlap > 0.8, f"brain Dice {overlap:.3f}"
