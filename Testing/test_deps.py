@@ -121,3 +121,13 @@ def test_a_pip_failure_is_reported_as_a_dependency_error():
 def test_without_the_pytorch_extension_the_user_is_told_to_install_it():
     with pytest.raises(deps.DependencyError, match="Install the 'PyTorch' extension"):
         deps.install_torch_with_pytorch_extension(Requirement("torch>=2.1"))
+
+
+def test_without_a_slicer_window_the_default_is_to_ask_and_refuse():
+    assert deps.ask_in_slicer("Install?") is False
+    with pytest.raises(deps.DependencyError, match="Installation was declined"):
+        deps.ensure_dependencies(
+            requirements=[Requirement(f"{NOT_A_PACKAGE}>=1")],
+            install_torch=never_called,
+            install=never_called,
+        )

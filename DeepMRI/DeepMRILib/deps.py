@@ -190,8 +190,16 @@ def install_torch_with_pytorch_extension(requirement: Requirement) -> None:
         raise DependencyError("PyTorch was not installed; DeepMRI cannot run without it.")
 
 
+def ask_in_slicer(message: str) -> bool:
+    """The default `confirm`: an OK/Cancel dialog in the Slicer app; outside it, no (never silent)."""
+    slicer = sys.modules.get("slicer")
+    if slicer is None or not hasattr(slicer, "app"):
+        return False
+    return bool(slicer.util.confirmOkCancelDisplay(message, "DeepMRI: install packages"))
+
+
 def ensure_dependencies(
-    confirm: Callable[[str], bool],
+    confirm: Callable[[str], bool] = ask_in_slicer,
     *,
     requirements: Sequence[Requirement] | None = None,
     install_torch: Callable[[Requirement], None] = install_torch_with_pytorch_extension,
@@ -199,6 +207,7 @@ def ensure_dependencies(
 ) -> list[str]:
     """Install what is missing after `confirm(message)` says yes; returns what was installed.
 
+    `confirm` defaults to a dialog in Slicer (and to "no" where there is no Slicer GUI).
     Nothing is asked or installed when all is present. If the user declines, `DependencyError`
     says what is missing and how to install it later. torch goes first, so pip never pulls a
     torch wheel of its own as a dependency of MONAI; Slicer's packages stay at their versions.
