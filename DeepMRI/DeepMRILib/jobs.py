@@ -57,7 +57,10 @@ def worker_python() -> str:
     Slicer; PythonSlicer is Slicer's own Python with the same packages.
     """
     if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
-        python_slicer = shutil.which("PythonSlicer")
+        # The launcher puts Slicer's bin folder on PATH; else look next to the application.
+        python_slicer = shutil.which("PythonSlicer") or shutil.which(
+            "PythonSlicer", path=str(Path(sys.executable).parent)
+        )
         if python_slicer:
             return python_slicer
     return sys.executable
