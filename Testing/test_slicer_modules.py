@@ -1,0 +1,171 @@
+"""The Slicer module files, checked without desktop Slicer: they compile, follow the template, match their .ui.
+
+Their behaviour (Apply, Cancel, results in the views) is tested by each module's own
+ScriptedLoadableModuleTest inside Slicer; here the contracts that break silently are checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parent.parent / "DeepMRI"
+MODULES = ("DeepMRISegmentation", "DeepMRIModels")
+# Widgets that Qt itself provides; any other class in a .ui must be declared as a custom widget.
+QT_PREFIX = "Q"
+
+
+def _source(module: str) -> str:
+    return (MODULE_DIR / f"{module}.py").read_text(encoding="utf-8")
+
+
+def _tree(module: str) -> ast.Module:
+    return ast.parse(_source(module), filename=f"{module}.py")
+
+
+def _ui(module: str) -> ElementTree.Element:
+    return ElementTree.parse(MODULE_DIR / "Resources" / "UI" / f"{module}.ui").getroot()
+
+
+def _widget_names(root: ElementTree.Element) -> set[str]:
+    return {widget.get("name") for widget in root.iter("widget")}
+
+
+def _classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def _parent_assignments(tree: ast.Module) -> dict[str, ast.expr]:
+    """`self.parent.<field> = value` assignments of the module class."""
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and isinstance(target.value, ast.Attribute)
+                    and target.value.attr == "parent"
+                ):
+                    found[target.attr] = node.value
+    return found
+
+
+def _text_of(node: ast.expr) -> str:
+    """The string inside `_("...")` or a plain constant."""
+    if isinstance(node, ast.Call) and node.args:
+        node = node.args[0]
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_file_compiles(module):
+    compile(_source(module), f"{module}.py", "exec")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_follows_the_scripted_module_template(module):
+    classes = _classes(_tree(module))
+    expected_bases = {
+        module: "ScriptedLoadableModule",
+        f"{module}Widget": "ScriptedLoadableModuleWidget",
+        f"{module}Logic": "ScriptedLoadableModuleLogic",
+        f"{module}Test": "ScriptedLoadableModuleTest",
+    }
+    for name, base in expected_bases.items():
+        assert name in classes, f"{module}.py has no class {name}"
+        assert base in [ast.unparse(b) for b in classes[name].bases]
+    wrapper = classes[f"{module}ParameterNode"]
+    assert "parameterNodeWrapper" in [ast.unparse(d) for d in wrapper.decorator_list]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_declares_category_help_and_acknowledgement(module):
+    fields = _parent_assignments(_tree(module))
+    categories = ast.literal_eval(fields["categories"])
+    assert categories == ["DeepMRI"]
+    assert _text_of(fields["title"]).startswith("DeepMRI")
+    help_text = _text_of(fields["helpText"]).lower()
+    for topic in ("input", "limits", "cite"):
+        assert topic in help_text, f"{module} help text does not say {topic!r}"
+    assert len(_text_of(fields["acknowledgementText"]).strip()) > 40
+    assert ast.literal_eval(fields["contributors"])
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_file_parses_and_its_top_widget_is_the_module(module):
+    root = _ui(module)
+    assert root.tag == "ui" and root.findtext("class") == module
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == module
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_ui_widget_the_code_uses_exists_in_the_ui_file(module):
+    used = set(re.findall(r"self\.ui\.(\w+)", _source(module)))
+    used |= set(re.findall(r"widget\.ui\.(\w+)", _source(module)))
+    assert used, "the module binds no widgets"
+    missing = used - _widget_names(_ui(module))
+    assert not missing, f"{module}.py uses widgets missing from its .ui: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_bound_widgets_match_parameter_node_fields(module):
+    wrapper = _classes(_tree(module))[f"{module}ParameterNode"]
+    fields = {
+        statement.target.id: ast.unparse(statement.annotation)
+        for statement in wrapper.body
+        if isinstance(statement, ast.AnnAssign)
+    }
+    bound = {}
+    for widget in _ui(module).iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.findtext("string")] = widget.get("class")
+    assert bound, "no widget is bound to the parameter node"
+    assert set(bound) <= set(fields), f"unknown parameters: {set(bound) - set(fields)}"
+    for name, widget_class in bound.items():
+        if widget_class == "QComboBox":  # Slicer's combo-box connector needs a Choice annotation
+            assert "Choice(" in fields[name], f"{name} is bound to a QComboBox without Choice"
+        if widget_class == "ctkPathLineEdit":
+            assert "Path" in fields[name]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_mrml_widgets_get_the_scene_and_custom_widgets_are_declared(module):
+    root = _ui(module)
+    mrml_widgets = {
+        w.get("name") for w in root.iter("widget") if w.get("class").startswith("qMRML")
+    }
+    mrml_widgets.discard(module)
+    receivers = {
+        connection.findtext("receiver")
+        for connection in root.iter("connection")
+        if connection.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and connection.findtext("sender") == module
+    }
+    assert mrml_widgets <= receivers, f"no scene for {mrml_widgets - receivers}"
+    used = {w.get("class") for w in root.iter("widget")} - {None}
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    assert {c for c in used if not c.startswith(QT_PREFIX)} <= declared
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_resources_the_module_loads_exist(module):
+    for relative in re.findall(r"resourcePath\(\"([^\"]+)\"\)", _source(module)):
+        assert (MODULE_DIR / "Resources" / relative).is_file(), relative
+    assert (MODULE_DIR / "Resources" / "Icons" / f"{module}.png").is_file()
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_self_test_runs_every_test_method_it_defines(module):
+    test_class = _classes(_tree(module))[f"{module}Test"]
+    methods = {f.name for f in test_class.body if isinstance(f, ast.FunctionDef)}
+    defined = {name for name in methods if name.startswith("test_")}
+    run_test = next(f for f in test_class.body if getattr(f, "name", "") == "runTest")
+    called = {node.attr for node in ast.walk(run_test) if isinstance(node, ast.Attribute)}
+    assert defined and defined <= called, f"runTest skips {defined - called}"
+    assert "SampleData" in ast.unparse(test_class)  # tests run on Slicer's sample data
