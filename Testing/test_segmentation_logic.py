@@ -20,7 +20,7 @@ from conftest import make_oblique_image  # noqa: E402
 from deepmri.errors import Cancelled, InvalidImageError  # noqa: E402
 from deepmri.progress import CancelToken  # noqa: E402
 from DeepMRILib import jobs, mrml  # noqa: E402
-from DeepMRILib.segmentation import ROIError, SegmentationLogic  # noqa: E402
+from DeepMRILib.segmentation import ROIError, SegmentationLogic, crop_box_from_roi  # noqa: E402
 from threshold_segmenter import LABELS, failing_segment, threshold_segment  # noqa: E402
 
 TESTING_DIR = str(Path(__file__).resolve().parent)
@@ -256,3 +256,27 @@ def test_real_brain_extraction_model_through_the_logic(scene):
     brain = sitk.GetArrayFromImage(image) > 0
     overlap = 2 * np.sum((labels > 0) & brain) / (np.sum(labels > 0) + np.sum(brain))
     assert overlap > 0.8, f"brain Dice {overlap:.3f}"
+
+
+def test_roi_is_taken_into_the_frame_of_a_transformed_volume(scene, input_node):
+    full = mrml.image_from_volume_node(input_node)
+    centre = mrml.LPS_TO_RAS @ np.array(full.TransformIndexToPhysicalPoint((20, 18, 12)))
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    roi.SetCenter(*centre)
+    roi.SetSize(6.0, 8.0, 5.0)
+    box_in_place = crop_box_from_roi(full, roi, input_node)
+    # Move the volume by a transform and the ROI with it: the same voxels are inside.
+    shift = np.array([30.0, -12.0, 7.5])
+    moved = np.eye(4)
+    moved[:3, 3] = shift
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(moved))
+    input_node.SetAndObserveTransformNodeID(transform.GetID())
+    roi.SetCenter(*(centre + shift))
+    assert crop_box_from_roi(full, roi, input_node) == box_in_place
+    assert all(
+        a < v < b
+        for a, v, b in zip(box_in_place.start, (20, 18, 12), box_in_place.stop, strict=True)
+    )
+    input_node.SetAndObserveTransformNodeID(None)
+    assert crop_box_from_roi(full, roi, input_node) != box_in_place

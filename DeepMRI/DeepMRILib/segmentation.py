@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import slicer
+import vtk
 from deepmri.errors import DeepMRIError
 from deepmri.progress import (
     CancelLike,
@@ -102,7 +103,7 @@ def crop_box_from_roi(image: sitk.Image, roi_node: Any, volume_node: Any | None 
                 corners_world.append(world)
     parent = volume_node.GetParentTransformNode() if volume_node is not None else None
     if parent is not None:
-        world_to_local = slicer.vtkGeneralTransform()
+        world_to_local = vtk.vtkGeneralTransform()
         slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, world_to_local)
         corners_world = [world_to_local.TransformPoint(corner) for corner in corners_world]
     indices = np.array(
