@@ -280,3 +280,14 @@ def test_roi_is_taken_into_the_frame_of_a_transformed_volume(scene, input_node):
     )
     input_node.SetAndObserveTransformNodeID(None)
     assert crop_box_from_roi(full, roi, input_node) != box_in_place
+
+
+def test_cancelling_a_background_run_adds_nothing_and_removes_its_files(scene, input_node):
+    before = scene_state(scene)
+    job = background_logic(scene).start(input_node, "threshold", probabilities=True)
+    job.cancel()
+    assert job.job.state == jobs.CANCELLED
+    with pytest.raises(Cancelled):
+        job.finish()
+    assert scene_state(scene) == before
+    assert not job.job.folder.exists()
