@@ -131,3 +131,18 @@ def test_without_a_slicer_window_the_default_is_to_ask_and_refuse():
             install_torch=never_called,
             install=never_called,
         )
+
+
+def test_the_installed_layout_finds_the_copy_in_resources_and_ignores_foreign_files(tmp_path):
+    # Slicer's qt-scripted-modules folder: DeepMRILib/ beside Resources/pyproject.toml (CMake
+    # installs it there), inside a folder that holds some other project's pyproject.toml.
+    modules = tmp_path / "lib" / "qt-scripted-modules"
+    (modules / "DeepMRILib").mkdir(parents=True)
+    (modules / "Resources").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\ndependencies = []\n')
+    deps_file = modules / "DeepMRILib" / "deps.py"
+    with pytest.raises(deps.DependencyError, match="cannot find its pyproject.toml"):
+        deps.find_pyproject(deps_file)
+    installed = modules / "Resources" / "pyproject.toml"
+    installed.write_text((REPOSITORY / "pyproject.toml").read_text())
+    assert deps.find_pyproject(deps_file) == installed

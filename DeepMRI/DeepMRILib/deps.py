@@ -50,12 +50,19 @@ class Missing:
 
 
 def find_pyproject(start: Path | None = None) -> Path:
-    """pyproject.toml of the source tree, or the copy installed in the module's Resources folder."""
+    """DeepMRI's pyproject.toml: the copy installed in Resources/ next to the modules, or the source tree's.
+
+    Only a file whose [project].name is "deepmri" counts, so an unrelated pyproject.toml in a
+    folder above an installation is never read.
+    """
     here = (start or Path(__file__)).resolve()
-    candidates = [parent / PYPROJECT_NAME for parent in here.parents]
-    candidates.append(here.parent.parent / "Resources" / PYPROJECT_NAME)
+    candidates = [here.parent.parent / "Resources" / PYPROJECT_NAME]
+    candidates += [parent / PYPROJECT_NAME for parent in here.parents]
     for candidate in candidates:
-        if candidate.is_file():
+        if (
+            candidate.is_file()
+            and _load_toml(candidate).get("project", {}).get("name") == "deepmri"
+        ):
             return candidate
     raise DependencyError(
         "DeepMRI cannot find its pyproject.toml, which lists the packages it needs; "
