@@ -169,3 +169,44 @@ def test_self_test_runs_every_test_method_it_defines(module):
     called = {node.attr for node in ast.walk(run_test) if isinstance(node, ast.Attribute)}
     assert defined and defined <= called, f"runTest skips {defined - called}"
     assert "SampleData" in ast.unparse(test_class)  # tests run on Slicer's sample data
+
+
+def _library_calls(module: str, receiver: str) -> dict[str, set[str]]:
+    """Methods the module calls on `receiver()` (e.g. `self._library().run(...)`) and their keywords."""
+    calls: dict[str, set[str]] = {}
+    for node in ast.walk(_tree(module)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Call)
+            and ast.unparse(node.func.value.func) == receiver
+        ):
+            calls.setdefault(node.func.attr, set()).update(k.arg for k in node.keywords if k.arg)
+    return calls
+
+
+def _assert_calls_fit(calls: dict[str, set[str]], owner: type) -> None:
+    import inspect
+
+    assert calls
+    for method, keywords in calls.items():
+        assert hasattr(owner, method), f"{owner.__name__} has no method {method}"
+        parameters = set(inspect.signature(getattr(owner, method)).parameters)
+        assert keywords <= parameters, f"{owner.__name__}.{method} takes no {keywords - parameters}"
+
+
+def test_segmentation_module_calls_deepmrilib_with_arguments_it_accepts():
+    segmentation = pytest.importorskip("DeepMRILib.segmentation")
+    deps = pytest.importorskip("DeepMRILib.deps")
+    _assert_calls_fit(
+        _library_calls("DeepMRISegmentation", "self._library"), segmentation.SegmentationLogic
+    )
+    assert callable(deps.ensure_dependencies)
+    assert {"poll", "cancel", "finish", "done"} <= set(dir(segmentation.SegmentationJob))
+
+
+def test_models_module_calls_the_model_store_with_arguments_it_accepts():
+    models = pytest.importorskip("deepmri.models")
+    if not hasattr(models, "ModelStore"):
+        pytest.skip("deepmri.models.ModelStore is not written yet")
+    _assert_calls_fit(_library_calls("DeepMRIModels", "self.store"), models.ModelStore)
