@@ -250,3 +250,59 @@ def test_displacement_field_becomes_a_grid_transform_that_maps_points_like_itk(s
 def test_displacement_field_must_hold_3d_vectors(scene, oblique_image):
     with pytest.raises(mrml.MRMLConversionError, match="3 components"):
         mrml.grid_transform_node_from_displacement(oblique_image, scene, "bad")
+
+
+def _continuous_index(image: sitk.Image, point) -> np.ndarray:
+    return np.array(image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in point)))
+
+
+def test_a_volume_hardened_under_the_affine_node_equals_itk_resampling(scene):
+    # Slicer's own transform logic (not our point arithmetic) decides what from-parent means.
+    moving = sitk.SmoothingRecursiveGaussian(make_oblique_image(), 3.0)
+    rigid = sitk.Euler3DTransform((10.0, 20.0, -5.0), 0.1, -0.2, 0.15, (3.0, -4.0, 2.0))
+    node = mrml.volume_node_from_image(moving, scene, "moving")
+    transform = mrml.linear_transform_node_from_affine(rigid, scene, "registration")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    assert slicer.vtkSlicerTransformLogic().hardenTransform(node)
+    hardened = mrml.image_from_volume_node(node)
+    fixed = make_oblique_image(seed=1)
+    in_slicer = sitk.Resample(hardened, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+    in_itk = sitk.Resample(moving, fixed, rigid, sitk.sitkLinear, 0.0)
+    assert (sitk.GetArrayViewFromImage(in_itk) != 0).mean() > 0.3  # the images overlap
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(in_slicer), sitk.GetArrayFromImage(in_itk), atol=1e-3
+    )
+
+
+def test_a_volume_hardened_under_the_grid_node_equals_itk_resampling_inside_the_field(scene):
+    moving = sitk.SmoothingRecursiveGaussian(make_oblique_image(), 3.0)
+    field = _displacement_field()
+    node = mrml.volume_node_from_image(moving, scene, "moving")
+    transform = mrml.grid_transform_node_from_displacement(field, scene, "registration")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    assert slicer.vtkSlicerTransformLogic().hardenTransform(node)
+    hardened = mrml.image_from_volume_node(node)  # resampled by Slicer on a grid it chose
+    itk_transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    in_itk = sitk.GetArrayFromImage(
+        sitk.Resample(moving, hardened, itk_transform, sitk.sitkLinear, 0.0)
+    )
+    in_slicer = sitk.GetArrayFromImage(hardened)
+    # Outside the field's grid VTK and ITK extrapolate displacements differently; compare where
+    # the point lies inside the field and its mapped point inside the moving image (1-voxel margin).
+    compared = 0
+    for index in np.ndindex(*in_slicer.shape[::-1]):
+        if sum(index) % 7:
+            continue
+        point = hardened.TransformIndexToPhysicalPoint(index)
+        in_field = _continuous_index(field, point)
+        mapped = _continuous_index(moving, itk_transform.TransformPoint(point))
+        if (
+            np.all(in_field >= 1)
+            and np.all(in_field <= np.array(field.GetSize()) - 2)
+            and np.all(mapped >= 1)
+            and np.all(mapped <= np.array(moving.GetSize()) - 2)
+        ):
+            compared += 1
+            k_j_i = index[::-1]
+            assert abs(in_slicer[k_j_i] - in_itk[k_j_i]) < 1e-3, index
+    assert compared > 1000
