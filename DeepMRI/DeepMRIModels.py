@@ -414,9 +414,12 @@ class DeepMRIModelsLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def loadSettings(parameters) -> None:
         settings = qt.QSettings()
+        allowed = {"device": DEVICES, "precision": PRECISIONS}
         for name, (key, _environment) in SETTINGS.items():
             value = settings.value(key)
-            if value is not None and getattr(parameters, name) != value:
+            if value is None or (name in allowed and value not in allowed[name]):
+                continue  # never saved, or saved by a version with other choices
+            if getattr(parameters, name) != value:
                 setattr(parameters, name, str(value))
 
     @staticmethod

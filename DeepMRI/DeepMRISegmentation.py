@@ -28,7 +28,6 @@ DEFAULT_MODEL = "brain-tissue"
 # Probability and uncertainty volumes carry this attribute so the overlay selector lists only them.
 OVERLAY_ATTRIBUTE = "DeepMRI.overlay"
 POLL_INTERVAL_MS = 200
-DEVICE_SETTING = "DeepMRI/Device"  # written by the DeepMRI Models module's settings
 
 
 class DeepMRISegmentation(ScriptedLoadableModule):
@@ -319,11 +318,7 @@ class DeepMRISegmentationLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
 
     def getParameterNode(self):
-        parameters = DeepMRISegmentationParameterNode(super().getParameterNode())
-        savedDevice = qt.QSettings().value(DEVICE_SETTING)
-        if savedDevice in DEVICES and not parameters.GetParameterNode().GetParameter("device"):
-            parameters.device = savedDevice
-        return parameters
+        return DeepMRISegmentationParameterNode(super().getParameterNode())
 
     @staticmethod
     def _library():
@@ -333,6 +328,8 @@ class DeepMRISegmentationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _device(device):
+        """None for "auto": the worker then uses the default device of the DeepMRI Models settings
+        (DEEPMRI_DEVICE), else the best one available."""
         return None if device in (None, "", "auto") else device
 
     def ensureDependencies(self) -> None:
