@@ -203,6 +203,7 @@ def test_background_run_gives_the_same_nodes_as_the_console_run(scene, input_nod
         events.extend(job.poll())
         time.sleep(0.02)
     outputs = job.finish()
+    assert job.state == jobs.SUCCEEDED and job.fraction == 1.0
     assert events and events[-1].fraction == 1.0
     assert outputs.segmentation.GetName() == "MRHead segmentation (threshold)"
     expected = threshold_segment(mrml.image_from_volume_node(input_node), probabilities=True)
@@ -286,7 +287,7 @@ def test_cancelling_a_background_run_adds_nothing_and_removes_its_files(scene, i
     before = scene_state(scene)
     job = background_logic(scene).start(input_node, "threshold", probabilities=True)
     job.cancel()
-    assert job.job.state == jobs.CANCELLED
+    assert job.state == jobs.CANCELLED
     with pytest.raises(Cancelled):
         job.finish()
     assert scene_state(scene) == before

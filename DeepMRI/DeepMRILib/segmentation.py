@@ -339,7 +339,23 @@ class SegmentationJob:
 
     @property
     def done(self) -> bool:
+        """True once the worker has ended (then call `finish()`)."""
         return self.job.done
+
+    @property
+    def state(self) -> str:
+        """running, succeeded, failed or cancelled."""
+        return self.job.state
+
+    @property
+    def fraction(self) -> float:
+        """The latest progress fraction reported."""
+        return self.job.fraction
+
+    @property
+    def message(self) -> str:
+        """The latest progress message (or the error message once failed)."""
+        return self.job.message
 
     def cancel(self) -> None:
         """Stop the worker promptly; nothing is added to the scene."""
