@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +213,48 @@ def test_one_case_through_the_learned_segment_task(tmp_path, mni_t1):
     assert same_geometry(labels, sitk.ReadImage(str(tmp_path / "mni.nii.gz")), tolerance=1e-5)
     brain_ml = float(sitk.GetArrayViewFromImage(labels).astype(bool).sum()) * 8 / 1000
     assert 1000 < brain_ml < 2200
+
+
+_SLOW_TASK_SCRIPT = """
+import sys, time
+from deepmri.batch import TaskOutput, register_task
+from deepmri.cli import main
+
+def sleepy(image, *, model, device, options, progress, cancel):
+    if image.GetSpacing()[0] > 7:  # the coarse case stands for a long one
+        for step in range(1200):
+            progress(step / 1200, "working")
+            time.sleep(0.05)
+    return TaskOutput({"copy": image}, {}, "sleepy")
+
+register_task("sleepy", sleepy)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_from_a_scheduler_stops_cleanly_and_the_rerun_resumes(tmp_path, mni_t1):
+    write_image(resample_to_spacing(mni_t1, [6.0, 6.0, 6.0]), tmp_path / "fast.nii.gz")
+    write_image(resample_to_spacing(mni_t1, [8.0, 8.0, 8.0]), tmp_path / "slow.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input\nfast,fast.nii.gz\nslow,slow.nii.gz\n")
+    (tmp_path / "run.py").write_text(_SLOW_TASK_SCRIPT)
+    output = tmp_path / "out"
+    command = [sys.executable, str(tmp_path / "run.py"), "batch", str(tmp_path / "cases.csv")]
+    process = subprocess.Popen(
+        [*command, "--task", "sleepy", "-o", str(output)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    log = output / "slow" / "log.txt"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "working" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Run the same command again to resume" in stderr
+    assert (output / "fast" / DONE_MARKER).exists()
+    assert sorted(p.name for p in (output / "slow").iterdir()) == ["log.txt"]
+    assert "cancelled" in log.read_text()
+    summary = _summary(output / "summary.csv")
+    assert (summary["fast"]["status"], summary["slow"]["status"]) == ("done", "pending")

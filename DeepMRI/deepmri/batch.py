@@ -328,6 +328,8 @@ def run_case(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in (DONE_MARKER, FAILED_MARKER):
         (folder / stale).unlink(missing_ok=True)
+    for partial in folder.glob(".partial-*"):  # left by a run killed in the middle of a write
+        partial.unlink(missing_ok=True)
     log = _CaseLog(folder / CASE_LOG)
     log.write(
         f"=== case {case.id}: task {task}, model {case.model or 'default'}, deepmri {__version__}"

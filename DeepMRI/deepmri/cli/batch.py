@@ -7,10 +7,14 @@ status 1 when a case failed (the others still finish), 0 when every selected cas
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from deepmri.cli.progress_bar import TextProgress
+from deepmri.errors import Cancelled
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,20 +65,54 @@ def run(arguments: argparse.Namespace) -> int:
         f"output {arguments.output}",
         file=sys.stderr,
     )
-    report = run_batch(
-        cases,
-        arguments.task,
-        arguments.output,
-        selected=selected,
-        model=arguments.model,
-        device=arguments.device,
-        options={"probabilities": arguments.probabilities, "uncertainty": arguments.uncertainty},
-        force=arguments.force,
-        progress=TextProgress(),
-    )
+    try:
+        with _sigterm_as_interrupt():
+            report = run_batch(
+                cases,
+                arguments.task,
+                arguments.output,
+                selected=selected,
+                model=arguments.model,
+                device=arguments.device,
+                options={
+                    "probabilities": arguments.probabilities,
+                    "uncertainty": arguments.uncertainty,
+                },
+                force=arguments.force,
+                progress=TextProgress(),
+            )
+    except (KeyboardInterrupt, Cancelled):
+        print(
+            "deepmri batch: interrupted; finished cases are kept and the unfinished one left no "
+            "output. Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
     format_summary(report.summary_rows, sys.stdout)
     print(f"summary: {report.summary_path}", file=sys.stderr)
     for failure in report.failed:
         log = arguments.output / failure.case.id / "log.txt"
         print(f"FAILED {failure.case.id}: {failure.message} (log: {log})", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A scheduler's SIGTERM (SLURM time limit, scancel) stops the batch like Ctrl-C does.
+
+    The running case is abandoned cleanly (temporary files removed, summary written) within the
+    grace period before the scheduler's SIGKILL.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (e.g. called from a worker thread): leave it be
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
