@@ -83,13 +83,7 @@ def image_from_volume_node(node: Any) -> sitk.Image:
             f"The volume '{node.GetName()}' has {image_data.GetNumberOfScalarComponents()} "
             "components per voxel; DeepMRI needs a scalar (grey-value) volume."
         )
-    array = np.array(slicer.util.arrayFromVolume(node), copy=True)
-    image = sitk.GetImageFromArray(array)
-    spacing, origin, direction = geometry_from_node(node)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
-    return image
+    return _image_from_any_volume(node)
 
 
 def _voxels_for_vtk(image: sitk.Image) -> np.ndarray:
@@ -227,15 +221,6 @@ def segmentation_node_from_labels(
     A label listed but absent from the image still gets an (empty) segment, so that the
     segment list is always the model's list; `segment_id_for_label` finds a segment by value.
     """
-    labels = (
-        sitk.Cast(labels, sitk.sitkInt32)
-        if labels.GetPixelID()
-        in (
-            sitk.sitkInt64,
-            sitk.sitkUInt64,
-        )
-        else labels
-    )
     labelmap = slicer.vtkMRMLLabelMapVolumeNode()  # temporary, never added to the scene
     set_node_geometry(labelmap, labels)
     slicer.util.updateVolumeFromArray(labelmap, _voxels_for_vtk(labels))
@@ -328,6 +313,7 @@ def labels_from_segmentation_node(segmentation_node: Any, reference_node: Any) -
 
 
 def _image_from_any_volume(node: Any) -> sitk.Image:
+    """Voxels (copied) and LPS geometry of any volume node, unchecked."""
     array = np.array(slicer.util.arrayFromVolume(node), copy=True)
     image = sitk.GetImageFromArray(array)
     spacing, origin, direction = geometry_from_node(node)
