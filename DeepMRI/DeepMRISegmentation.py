@@ -487,7 +487,7 @@ class _MarkingJob:
 
     @property
     def state(self) -> str:
-        return self._job.job.state
+        return self._job.state
 
     def cancel(self) -> None:
         self._job.cancel()
