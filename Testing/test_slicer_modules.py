@@ -210,3 +210,31 @@ def test_models_module_calls_the_model_store_with_arguments_it_accepts():
     if not hasattr(models, "ModelStore"):
         pytest.skip("deepmri.models.ModelStore is not written yet")
     _assert_calls_fit(_library_calls("DeepMRIModels", "self.store"), models.ModelStore)
+
+
+def _methods(class_node: ast.ClassDef) -> set[str]:
+    return {f.name for f in class_node.body if isinstance(f, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_widget_calls_only_logic_methods_and_slots_that_exist(module):
+    classes = _classes(_tree(module))
+    widget = classes[f"{module}Widget"]
+    logic_methods = _methods(classes[f"{module}Logic"]) | {"getParameterNode"}
+    widget_methods = _methods(widget)
+    called_on_logic = {
+        node.attr
+        for node in ast.walk(widget)
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self.logic"
+    }
+    assert called_on_logic and called_on_logic <= logic_methods, called_on_logic - logic_methods
+    slots = {
+        ast.unparse(node.args[-1]).removeprefix("self.")
+        for node in ast.walk(widget)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("connect", "addObserver", "removeObserver")
+        and node.args
+        and re.fullmatch(r"self\.\w+", ast.unparse(node.args[-1]))
+    }
+    assert slots and slots <= widget_methods, slots - widget_methods
