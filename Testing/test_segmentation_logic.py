@@ -292,3 +292,42 @@ def test_cancelling_a_background_run_adds_nothing_and_removes_its_files(scene, i
         job.finish()
     assert scene_state(scene) == before
     assert not job.job.folder.exists()
+
+
+def test_the_scripting_guide_calls_only_functions_and_keywords_that_exist():
+    import ast
+    import inspect
+    import re
+
+    from DeepMRILib import deps, segmentation
+
+    guide = (Path(__file__).resolve().parent.parent / "Docs" / "scripting.md").read_text()
+    owners = {
+        "mrml": [mrml],
+        "deps": [deps],
+        "jobs": [jobs],
+        "logic": [SegmentationLogic],
+        "job": [segmentation.SegmentationJob, jobs.Job],
+    }
+    checked = 0
+    for block in re.findall(r"```python\n(.*?)```", guide, re.S):
+        for node in ast.walk(ast.parse(block)):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            receiver = ast.unparse(node.func.value)
+            if receiver not in owners:
+                continue
+            found = [
+                getattr(o, node.func.attr) for o in owners[receiver] if hasattr(o, node.func.attr)
+            ]
+            assert found, f"the guide calls {receiver}.{node.func.attr}, which does not exist"
+            parameters = set(inspect.signature(found[0]).parameters)
+            keywords = {k.arg for k in node.keywords if k.arg}
+            assert keywords <= parameters, (
+                f"{receiver}.{node.func.attr} takes no {keywords - parameters}"
+            )
+            checked += 1
+    for name in re.findall(r"^\| `(\w+)\(", guide, re.M):
+        assert hasattr(mrml, name), f"the guide's table lists mrml.{name}, which does not exist"
+        checked += 1
+    assert checked > 20
