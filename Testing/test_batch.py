@@ -24,6 +24,7 @@ from deepmri.batch import (
     CaseListError,
     TaskOutput,
     available_tasks,
+    format_summary,
     is_done,
     read_cases,
     register_task,
@@ -258,3 +259,12 @@ def test_sigterm_from_a_scheduler_stops_cleanly_and_the_rerun_resumes(tmp_path, 
     assert "cancelled" in log.read_text()
     summary = _summary(output / "summary.csv")
     assert (summary["fast"]["status"], summary["slow"]["status"]) == ("done", "pending")
+
+
+def test_long_summaries_list_only_the_cases_that_need_attention():
+    rows = [{"id": f"c{i}", "status": "done", "seconds": 1, "model": "m"} for i in range(50)]
+    rows[7]["status"] = "failed"
+    text = format_summary(rows)
+    assert "c7" in text and "c8 " not in text
+    assert "49 done cases not listed" in text and text.endswith("49 done, 1 failed, 0 pending\n")
+    assert "c49" in format_summary(rows, max_rows=100)

@@ -523,14 +523,22 @@ def write_summary(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pa
     return Path(path)
 
 
-def format_summary(rows: Sequence[dict[str, Any]], stream: TextIO | None = None) -> str:
-    """A fixed-width table of the summary rows with a count line, for the terminal."""
+def format_summary(
+    rows: Sequence[dict[str, Any]], stream: TextIO | None = None, max_rows: int = 40
+) -> str:
+    """A fixed-width table of the summary rows with a count line, for the terminal.
+
+    Beyond `max_rows` cases only the failed and pending ones are listed (summary.csv has all).
+    """
     columns = _columns(rows)
-    cells = [[str(row.get(name, "")) for name in columns] for row in rows]
+    shown = rows if len(rows) <= max_rows else [r for r in rows if r["status"] != "done"]
+    cells = [[str(row.get(name, "")) for name in columns] for row in shown]
     widths = [max([len(name)] + [len(line[i]) for line in cells]) for i, name in enumerate(columns)]
     lines = ["  ".join(name.ljust(width) for name, width in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * width for width in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} done cases not listed; see summary.csv")
     counts = {status: sum(row["status"] == status for row in rows) for status in _STATUSES}
     lines.append(", ".join(f"{count} {status}" for status, count in counts.items()))
     text = "\n".join(line.rstrip() for line in lines) + "\n"
