@@ -633,7 +633,10 @@ class DeepMRIModelsTest(ScriptedLoadableModuleTest):
             cardPath = pathlib.Path(folder) / "card.json"
             cardPath.write_text(json.dumps(card))
             scripted = pathlib.Path(folder) / "model.pt"
-            torch.jit.script(network).save(str(scripted))
+            channels = int(card.get("input", {}).get("channels", 1))
+            example = torch.zeros(1, channels, *card["inference"]["patch_size"])
+            with torch.no_grad():
+                torch.jit.trace(network.cpu().eval(), example).save(str(scripted))
             modelId = logic.importModel(scripted, cardPath)
         try:
             self.assertEqual(modelId, "selftest-imported-brain")
