@@ -1,0 +1,387 @@
+"""Training recipe for the shipped segmentation models: brain-extraction and brain-tissue.
+
+Endless synthetic images (deepmri.train.synth) feed a small MONAI UNet under a wall-clock budget;
+checkpoints every few minutes allow --resume, and a fixed-seed synthetic validation set picks the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from safetensors.torch import save_file
+
+from deepmri.errors import DeepMRIError
+from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
+from deepmri.train.labels import ORIENTATION, LabelSource, build_sources
+from deepmri.train.synth import (
+    BRAIN_EXTRACTION,
+    BRAIN_TISSUE,
+    GridSpec,
+    generate,
+    sample_parameters,
+)
+
+VALIDATION_SEED_BASE = 900_000_000  # never reached by training seeds (seed * 1e6 + iteration)
+SNOMED = "SCT"
+LICENSE = (
+    "Apache-2.0 (weights); trained on MNI ICBM152 2009a (© McConnell Brain Imaging Centre) "
+    "and pydeface mean head"
+)
+
+
+@dataclass
+class Recipe:
+    """What defines one model: grid, network, labels and the optimiser settings."""
+
+    model_id: str
+    spacing: float
+    shape: tuple[int, int, int]  # array order (z, y, x) of RAS-oriented volumes
+    labels: list[dict[str, Any]]
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    learning_rate: float = 2e-3
+    postprocessing: list[str] = field(default_factory=list)
+    description: str = ""
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.labels) + 1
+
+    def network_config(self) -> dict[str, Any]:
+        """Keyword arguments of monai.networks.nets.UNet (the card's architecture.config)."""
+        return {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": self.out_channels,
+            "channels": list(self.channels),
+            "strides": list(self.strides),
+            "num_res_units": self.num_res_units,
+            "norm": "instance",
+        }
+
+
+def _label(value: int, name: str, color, code: str, meaning: str) -> dict[str, Any]:
+    return {
+        "value": value,
+        "name": name,
+        "color": color,
+        "terminology": {
+            "category": {"scheme": SNOMED, "code": "123037004", "meaning": "Anatomical Structure"},
+            "type": {"scheme": SNOMED, "code": code, "meaning": meaning},
+        },
+    }
+
+
+RECIPES = {
+    BRAIN_EXTRACTION: Recipe(
+        model_id=BRAIN_EXTRACTION,
+        spacing=2.0,
+        shape=(96, 112, 96),
+        labels=[_label(1, "Brain", [0.87, 0.72, 0.53], "12738006", "Brain")],
+        postprocessing=["largest_component", "fill_holes"],
+        description="Brain mask (brain and the CSF around it) on whole-head or skull-stripped MRI.",
+    ),
+    BRAIN_TISSUE: Recipe(
+        model_id=BRAIN_TISSUE,
+        spacing=1.5,
+        shape=(96, 112, 96),
+        labels=[
+            _label(1, "CSF", [0.35, 0.6, 0.95], "65216001", "Cerebrospinal fluid"),
+            _label(2, "Grey matter", [0.8, 0.55, 0.55], "389081006", "Grey matter of brain"),
+            _label(3, "White matter", [0.95, 0.95, 0.85], "389080007", "White matter of brain"),
+        ],
+        description="CSF, grey and white matter inside a brain mask (skull-stripped input).",
+    ),
+}
+
+
+def build_network(recipe: Recipe) -> torch.nn.Module:
+    config = recipe.network_config()
+    return UNet(
+        **{**config, "channels": tuple(config["channels"]), "strides": tuple(config["strides"])}
+    )
+
+
+class SyntheticStream(torch.utils.data.IterableDataset):
+    """Training pairs for seeds base + start, base + start + 1, ... (one image per seed)."""
+
+    def __init__(self, recipe: Recipe, sources: dict[str, LabelSource], seed: int, start: int):
+        self.recipe, self.sources, self.seed, self.start = recipe, sources, seed, start
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        index = self.start
+        grid = GridSpec(self.recipe.shape, self.recipe.spacing)
+        while True:
+            yield make_pair(self.recipe, self.sources, self.seed * 1_000_000 + index, grid)
+            index += 1
+
+
+def make_pair(
+    recipe: Recipe, sources: dict[str, LabelSource], seed: int, grid: GridSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    params = sample_parameters(seed, recipe.model_id, sources, grid.spacing)
+    image, target = generate(params, sources, grid)
+    return torch.from_numpy(image)[None], torch.from_numpy(target.astype(np.int64))[None]
+
+
+def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, classes: int) -> list[float]:
+    """Dice of each foreground class (1..classes-1) between two label tensors."""
+    scores = []
+    for value in range(1, classes):
+        first, second = prediction == value, target == value
+        total = int(first.sum() + second.sum())
+        scores.append(1.0 if total == 0 else 2.0 * int((first & second).sum()) / total)
+    return scores
+
+
+def validate(network: torch.nn.Module, pairs, classes: int) -> list[float]:
+    """Mean Dice per foreground class over the fixed validation pairs."""
+    network.eval()
+    scores = []
+    with torch.no_grad():
+        for image, target in pairs:
+            prediction = network(image[None]).argmax(1)
+            scores.append(dice_per_class(prediction[0], target[0], classes))
+    network.train()
+    return np.mean(np.asarray(scores), axis=0).round(4).tolist()
+
+
+def train(
+    model_id: str,
+    out_dir: Path,
+    minutes: float,
+    seed: int = 0,
+    *,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    max_iterations: int | None = None,
+    threads: int = 2,
+    validation_size: int = 8,
+    validation_minutes: float = 4.0,
+    checkpoint_minutes: float = 3.0,
+    recipe_overrides: dict[str, Any] | None = None,
+    workers: int = 1,
+    command: str | None = None,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelLike | None = None,
+) -> dict[str, Any]:
+    """Train `model_id` for `minutes` of wall time (or `max_iterations`), keeping the best weights.
+
+    Writes out_dir/checkpoint.pt (resumable), out_dir/best.pt (best validation Dice) and
+    out_dir/history.json; returns the history. Exporting to a model folder is `export`.
+    """
+    if model_id not in RECIPES:
+        raise DeepMRIError(f"Unknown model '{model_id}'; choose one of {sorted(RECIPES)}.")
+    recipe = replace(RECIPES[model_id], **(recipe_overrides or {}))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir or out_dir / "cache")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    progress(0.0, "Building label maps")
+    sources = build_sources(cache_dir, model_id, progress)
+    grid = GridSpec(recipe.shape, recipe.spacing)
+    validation = [
+        make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
+        for index in range(validation_size)
+    ]
+    network = build_network(recipe)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
+    state = {
+        "iteration": 0,
+        "elapsed": 0.0,
+        "best": -1.0,
+        "history": [],
+        "seed": seed,
+        "model_id": model_id,
+        "recipe": recipe.network_config() | {"spacing": recipe.spacing, "shape": recipe.shape},
+        "commands": [],
+    }
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resume and checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, weights_only=False)
+        network.load_state_dict(saved["network"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        print(f"resumed at iteration {state['iteration']}", flush=True)
+    state["commands"].append(command or shlex.join(sys.argv))
+    state["budget_minutes"] = state.get("elapsed", 0.0) / 60.0 + minutes
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    stream = SyntheticStream(recipe, sources, seed, state["iteration"])
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=1, num_workers=workers, prefetch_factor=2 if workers else None
+    )
+    started, session_start = time.time(), state["elapsed"]
+    first_iteration = state["iteration"]
+    last_checkpoint = last_validation = started
+    running = []
+    network.train()
+    for image, target in loader:
+        check_cancel(cancel)
+        elapsed_session = time.time() - started
+        state["elapsed"] = session_start + elapsed_session
+        fraction = min(state["elapsed"] / (state["budget_minutes"] * 60.0), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.learning_rate * max((1.0 - fraction) ** 0.9, 0.02)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_function(network(image), target)
+        loss.backward()
+        optimizer.step()
+        state["iteration"] += 1
+        running.append(loss.item())
+        done = elapsed_session >= minutes * 60.0 or (
+            max_iterations is not None and state["iteration"] >= max_iterations
+        )
+        now = time.time()
+        if done or now - last_validation >= validation_minutes * 60.0:
+            scores = validate(network, validation, recipe.out_channels)
+            entry = {
+                "iteration": state["iteration"],
+                "minutes": round(state["elapsed"] / 60.0, 2),
+                "loss": round(float(np.mean(running)), 4),
+                "validation_dice": scores,
+            }
+            state["history"].append(entry)
+            running = []
+            print(json.dumps(entry), flush=True)
+            if float(np.mean(scores)) > state["best"]:
+                state["best"] = float(np.mean(scores))
+                state["best_iteration"] = state["iteration"]
+                torch.save(network.state_dict(), out_dir / "best.pt")
+            last_validation = now
+        if done or now - last_checkpoint >= checkpoint_minutes * 60.0:
+            _save_checkpoint(checkpoint_path, network, optimizer, state)
+            last_checkpoint = now
+        if state["iteration"] % 25 == 0:
+            rate = (state["iteration"] - first_iteration) / max(elapsed_session, 1e-6) * 60.0
+            print(
+                f"iteration {state['iteration']} loss {np.mean(running[-25:]):.4f} "
+                f"{rate:.1f} it/min lr {optimizer.param_groups[0]['lr']:.2e}",
+                flush=True,
+            )
+        progress(fraction, f"iteration {state['iteration']}, loss {loss.item():.3f}")
+        if done:
+            break
+    (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+    return state
+
+
+def _save_checkpoint(path: Path, network, optimizer, state) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save(
+        {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+        temporary,
+    )
+    temporary.replace(path)
+
+
+def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, Any]:
+    """Write the best weights (fp16 safetensors) and card.json of a finished run into `model_dir`."""
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    saved = torch.load(out_dir / "checkpoint.pt", weights_only=False)
+    state = saved["state"]
+    recipe = RECIPES[state["model_id"]]
+    recipe = replace(
+        recipe,
+        channels=tuple(state["recipe"]["channels"]),
+        strides=tuple(state["recipe"]["strides"]),
+        num_res_units=state["recipe"]["num_res_units"],
+        spacing=state["recipe"]["spacing"],
+        shape=tuple(state["recipe"]["shape"]),
+    )
+    weights = torch.load(out_dir / "best.pt", weights_only=True)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = model_dir / "weights.safetensors"
+    save_file(
+        {k: v.detach().to(torch.float16).contiguous() for k, v in weights.items()},
+        str(weights_path),
+    )
+    payload = weights_path.read_bytes()
+    card = _card(recipe, state, version)
+    card["weights"] = {
+        "file": weights_path.name,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "size": len(payload),
+        "dtype": "float16",
+    }
+    (model_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]:
+    tissue = recipe.model_id == BRAIN_TISSUE
+    data = (
+        "Synthetic images from the MNI ICBM152 2009a tissue maps (GM/WM probability maps, CSF = "
+        "rest of the non-zero T1) with random contrast, deformation, bias, blur, thick slices, "
+        "noise, gamma and inversion, mixed with the augmented real MNI T1; inputs are brain-only."
+        if tissue
+        else "Synthetic images from label maps with random contrast, deformation, bias, blur, thick "
+        "slices, noise, gamma, inversion and field-of-view crops: (a) the MNI ICBM152 2009a brain "
+        "wrapped in random synthetic shells (CSF rim, skull tables, diploe, scalp, fat) or left "
+        "skull-stripped; (b) the pydeface mean whole head, whose brain mask is a PSEUDO-LABEL (MNI "
+        "brain registered affine + B-spline) and whose non-brain head is split into 5 k-means "
+        "intensity classes; mixed with the augmented real MNI T1 and pydeface head. No Colin27."
+    )
+    return {
+        "id": recipe.model_id,
+        "version": version,
+        "task": "segmentation",
+        "description": recipe.description,
+        "architecture": {"name": "monai.UNet", "config": recipe.network_config()},
+        "input": {"contrasts": ["any"], "channels": 1},
+        "preprocessing": {
+            "spacing": [recipe.spacing] * 3,
+            "orientation": ORIENTATION,
+            "orientation_note": (
+                "deepmri.geometry.reorient(image, 'RAS') = SimpleITK DICOMOrient 'RAS': "
+                "direction diag(-1,-1,1) in LPS, i.e. array index x->Right, y->Anterior, "
+                "z->Superior; numpy arrays are (z, y, x)"
+            ),
+            "normalization": {"method": "percentile", "lower": 0.5, "upper": 99.5},
+            "mask": "brain-extraction" if tissue else None,
+        },
+        "inference": {
+            "patch_size": list(recipe.shape),
+            "overlap": 0.5,
+            "flips": [[2], [3], [4]],
+        },
+        "postprocessing": list(recipe.postprocessing),
+        "labels": recipe.labels,
+        "metrics": [],
+        "training": {
+            "data": data,
+            "command": state["commands"],
+            "iterations": state["iteration"],
+            "best_iteration": state.get("best_iteration"),
+            "minutes": round(state["elapsed"] / 60.0, 1),
+            "seed": state["seed"],
+            "validation": state["history"][-1] if state["history"] else None,
+            "validation_set": f"{len(state['history']) and 8} synthetic images, seeds "
+            f"{VALIDATION_SEED_BASE}+i (same generator, never used for training)",
+        },
+        "license": LICENSE,
+        "citation": (
+            "Fonov et al., NeuroImage 2011 (MNI ICBM152 2009a); Billot et al., Med Image Anal 2023 "
+            "(SynthSeg); Hoopes et al., NeuroImage 2022 (SynthStrip)"
+        ),
+    }
+
+
+def iterations_per_minute(history: list[dict[str, Any]]) -> float:
+    if not history or history[-1]["minutes"] <= 0:
+        return math.nan
+    return history[-1]["iteration"] / history[-1]["minutes"]
