@@ -331,3 +331,74 @@ def test_the_scripting_guide_calls_only_functions_and_keywords_that_exist():
         assert hasattr(mrml, name), f"the guide's table lists mrml.{name}, which does not exist"
         checked += 1
     assert checked > 20
+
+
+class _OneNetworkStore:
+    """The model store's interface (`get(id)` -> model with `.card` and `.load_network`) over one
+    real MONAI network with fixed random weights: runs the real segment task with no trained model."""
+
+    def __init__(self, card: dict, network) -> None:
+        self._card, self._network = card, network
+
+    def get(self, model_id: str):
+        store = self
+
+        class _Model:
+            card = type("Card", (), {"to_dict": staticmethod(lambda: dict(store._card))})()
+
+            @staticmethod
+            def load_network(device=None):
+                return store._network.to(device).eval()
+
+        return _Model()
+
+
+def test_the_real_segment_task_runs_through_the_logic_with_a_real_network(scene):
+    pytest.importorskip("deepmri.engine")
+    torch = pytest.importorskip("torch")
+    from functools import partial
+
+    import nibabel
+    from deepmri.tasks.segment import segment
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    network = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
+    card = {
+        "id": "brain-extraction",
+        "version": "0-test",
+        "task": "segmentation",
+        "preprocessing": {
+            "spacing": [4.0, 4.0, 4.0],
+            "orientation": "RAS",
+            "normalization": {"method": "percentile", "lower": 0.5, "upper": 99.5},
+        },
+        "inference": {"patch_size": [16, 16, 16], "overlap": 0.25, "flips": [[2]]},
+        "postprocessing": [],
+        "labels": [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6], "terminology": None}],
+        "weights": {"sha256": "random-init"},
+    }
+    store = _OneNetworkStore(card, network)
+    head = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"  # real MRI, 2 mm
+    image = sitk.ReadImage(str(head))
+    node = mrml.volume_node_from_image(image, scene, "anatomical")
+    before = fingerprint(node)
+    logic = SegmentationLogic(scene, segment_function=partial(segment, store=store))
+    outputs = logic.run(
+        node, "brain-extraction", device="cpu", probabilities=True, uncertainty=True
+    )
+    assert fingerprint(node) == before
+    assert outputs.segmentation.GetName() == "anatomical segmentation (brain extraction)"
+    segments = outputs.segmentation.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == [
+        "Brain"
+    ]
+    direct = segment(image, "brain-extraction", device="cpu", uncertainty=True, store=store)
+    exported = mrml.labels_from_segmentation_node(outputs.segmentation, node)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(direct.labels)
+    )
+    brain_probability = mrml.image_from_volume_node(outputs.probabilities["Brain"])
+    assert brain_probability.GetSize() == image.GetSize()
+    np.testing.assert_allclose(brain_probability.GetDirection(), image.GetDirection())
+    assert outputs.uncertainty is not None
