@@ -1,0 +1,208 @@
+"""The engine: tiled inference equals whole-volume inference, flips, progress, cancel, OOM recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deepmri import engine
+from deepmri.errors import Cancelled, DeepMRIError, OutOfMemoryError
+from deepmri.progress import CancelToken
+from monai.networks.nets import UNet
+
+
+def small_fully_convolutional_net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 3, padding=1)
+    ).eval()
+
+
+def test_device_choice_follows_argument_then_environment(monkeypatch):
+    monkeypatch.setenv("DEEPMRI_DEVICE", "cpu")
+    assert engine.select_device() == torch.device("cpu")
+    assert engine.select_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeepMRIError, match="no CUDA GPU"):
+            engine.select_device("cuda")
+        monkeypatch.setenv("DEEPMRI_DEVICE", "cuda:0")
+        with pytest.raises(DeepMRIError, match="cuda:0"):
+            engine.select_device()
+    assert engine.describe_device("cpu").startswith("CPU")
+
+
+def tile_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Tile positions along one axis, by MONAI's scan rule (regular steps, last tile flush)."""
+    interval = max(int(roi * (1 - overlap)), 1)
+    starts = list(range(0, max(size - roi, 0) + 1, interval))
+    if starts[-1] + roi < size:
+        starts.append(size - roi)
+    return starts
+
+
+def voxels_with_full_context(shape, roi, overlap: float, radius: int) -> torch.Tensor:
+    """True where every tile covering a voxel holds its whole receptive field (radius voxels)."""
+    good = torch.ones(shape, dtype=torch.bool)
+    for z in tile_starts(shape[0], roi[0], overlap):
+        for y in tile_starts(shape[1], roi[1], overlap):
+            for x in tile_starts(shape[2], roi[2], overlap):
+                tile = torch.zeros(shape, dtype=torch.bool)
+                inner = torch.zeros(shape, dtype=torch.bool)
+                box, inner_box = [], []
+                for start, r, size in zip((z, y, x), roi, shape, strict=True):
+                    low = start + radius if start > 0 else 0
+                    high = start + r - radius if start + r < size else size
+                    box.append(slice(start, start + r))
+                    inner_box.append(slice(low, high))
+                tile[tuple(box)] = True
+                inner[tuple(inner_box)] = True
+                good &= ~(tile & ~inner)
+    return good
+
+
+def test_tiled_inference_matches_whole_volume_where_tiles_hold_the_receptive_field():
+    net = small_fully_convolutional_net()
+    volume = torch.rand(1, 1, 50, 44, 38)
+    roi = (24, 24, 24)
+    with torch.no_grad():
+        whole = net(volume)
+    tiled = engine.infer(net, volume, roi_size=roi, overlap=0.5, device="cpu").prediction
+    assert tiled.shape == whole.shape
+    good = voxels_with_full_context(tuple(volume.shape[2:]), roi, 0.5, radius=2)
+    assert good.float().mean() > 0.3  # the comparison covers a real part of the volume
+    difference = (tiled - whole).abs()[:, :, good]
+    assert difference.max() < 1e-5
+    # Elsewhere tile-edge voxels leak in through MONAI's Gaussian weights (floored at 1e-3),
+    # which is why the comparison above is restricted: the test can tell the two apart.
+    assert (tiled - whole).abs()[:, :, ~good].max() > 1e-3
+
+
+def test_tiled_inference_of_a_pointwise_net_is_exact_everywhere():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 1), torch.nn.ReLU(), torch.nn.Conv3d(3, 2, 1))
+    volume = torch.rand(1, 1, 37, 29, 41)
+    with torch.no_grad():
+        whole = net(volume)
+    tiled = engine.infer(net, volume, roi_size=(16, 16, 16), device="cpu").prediction
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_progress_rises_to_one_and_counts_tile_batches():
+    reports: list[tuple[float, str]] = []
+    net = small_fully_convolutional_net()
+    engine.infer(
+        net,
+        torch.rand(1, 1, 48, 48, 48),
+        roi_size=(24, 24, 24),
+        sw_batch_size=2,
+        device="cpu",
+        progress=lambda fraction, message: reports.append((fraction, message)),
+    )
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0)
+    windows = engine.count_windows((48, 48, 48), (24, 24, 24), 0.5)
+    assert windows == 27
+    assert len(reports) == 14  # ceil(27 / 2) tile batches
+    assert "tile batch 14 of 14" in reports[-1][1]
+
+
+def test_cancel_stops_between_tile_batches():
+    token = CancelToken()
+    calls = []
+
+    def stop_after_two(fraction: float, message: str) -> None:
+        calls.append(fraction)
+        if len(calls) == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        engine.infer(
+            small_fully_convolutional_net(),
+            torch.rand(1, 1, 48, 48, 48),
+            roi_size=(24, 24, 24),
+            sw_batch_size=1,
+            device="cpu",
+            progress=stop_after_two,
+            cancel=token,
+        )
+    assert len(calls) == 2  # the third tile batch never ran
+
+
+def test_flips_give_zero_uncertainty_for_a_mirror_symmetric_net_and_nonzero_otherwise():
+    symmetric = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        symmetric.weight.fill_(1.0 / 27)  # a box filter is its own mirror image
+    volume = torch.rand(1, 1, 24, 24, 24)
+    flips = [(2,), (3,), (4,)]
+    even = engine.infer(symmetric, volume, (32, 32, 32), device="cpu", flips=flips)
+    # float32 sums in another order under mirroring: equal to ~1e-4 of values near 1
+    assert even.uncertainty is not None and even.uncertainty.max() < 1e-3
+    skewed = engine.infer(
+        small_fully_convolutional_net(), volume, (32, 32, 32), device="cpu", flips=flips
+    )
+    assert skewed.uncertainty.mean() > 1e-3
+    assert skewed.uncertainty.shape == skewed.prediction.shape
+
+
+class RaisesOutOfMemoryAboveBatch(torch.nn.Module):
+    """A real network that raises the out-of-memory error whenever it gets more tiles than allowed."""
+
+    def __init__(self, allowed: int) -> None:
+        super().__init__()
+        self.allowed = allowed
+        self.seen_batches: list[int] = []
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        self.seen_batches.append(tiles.shape[0])
+        if tiles.shape[0] > self.allowed:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.conv(tiles)
+
+
+def test_out_of_memory_halves_the_tile_batch_and_says_so():
+    net = RaisesOutOfMemoryAboveBatch(allowed=2)
+    messages = []
+    result = engine.infer(
+        net,
+        torch.rand(1, 1, 48, 48, 48),
+        (24, 24, 24),
+        sw_batch_size=8,
+        device="cpu",
+        progress=lambda f, m: messages.append(m),
+    )
+    assert result.tile_batch == 2
+    assert net.seen_batches[:2] == [8, 4]
+    assert sum("Out of memory" in m for m in messages) == 2
+    expected = net.conv(torch.rand(1, 1, 2, 2, 2)).shape
+    assert result.prediction.shape[1] == expected[1]
+
+
+def test_out_of_memory_with_one_tile_on_the_cpu_is_a_clear_error():
+    with pytest.raises(OutOfMemoryError, match="crop the volume"):
+        engine.infer(
+            RaisesOutOfMemoryAboveBatch(allowed=0),
+            torch.rand(1, 1, 30, 30, 30),
+            (24, 24, 24),
+            sw_batch_size=2,
+            device="cpu",
+        )
+
+
+def test_engine_output_equals_monai_at_equal_settings():
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2)).eval()
+    volume = torch.rand(1, 1, 40, 36, 30)
+    with torch.no_grad():
+        reference = sliding_window_inference(volume, (32, 32, 32), 2, net, 0.5, mode="gaussian")
+    ours = engine.infer(net, volume, (32, 32, 32), sw_batch_size=2, device="cpu").prediction
+    assert (ours - reference).abs().max() < 1e-5
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(DeepMRIError, match="Precision"):
+        engine.infer(
+            small_fully_convolutional_net(), torch.rand(1, 1, 8, 8, 8), (8, 8, 8), precision="fp8"
+        )
