@@ -219,6 +219,7 @@ def train(
         state = saved["state"]
         print(f"resumed at iteration {state['iteration']}", flush=True)
     state["commands"].append(command or shlex.join(sys.argv))
+    state["validation_size"] = validation_size
     state["budget_minutes"] = state.get("elapsed", 0.0) / 60.0 + minutes
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     stream = SyntheticStream(recipe, sources, seed, state["iteration"])
@@ -357,21 +358,22 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
         "inference": {
             "patch_size": list(recipe.shape),
             "overlap": 0.5,
-            "flips": [[2], [3], [4]],
+            "flips": [[4]],  # left-right only: the brain is near symmetric, other flips unseen
         },
         "postprocessing": list(recipe.postprocessing),
         "labels": recipe.labels,
         "metrics": [],
         "training": {
             "data": data,
-            "command": state["commands"],
+            "command": " && ".join(state["commands"]),
             "iterations": state["iteration"],
             "best_iteration": state.get("best_iteration"),
             "minutes": round(state["elapsed"] / 60.0, 1),
             "seed": state["seed"],
             "validation": state["history"][-1] if state["history"] else None,
-            "validation_set": f"{len(state['history']) and 8} synthetic images, seeds "
-            f"{VALIDATION_SEED_BASE}+i (same generator, never used for training)",
+            "validation_set": f"{state.get('validation_size', 8)} synthetic images from the same "
+            f"generator, seeds {VALIDATION_SEED_BASE}+i (never used for training); the weights "
+            "are those of the best mean validation Dice",
         },
         "license": LICENSE,
         "citation": (
