@@ -28,8 +28,6 @@ from deepmri.validation import validate_image
 
 BRAIN_EXTRACTION = "brain-extraction"
 BRAIN_TISSUE = "brain-tissue"
-# Models that need a brain mask first: the tissue model was trained on skull-stripped brains.
-MASK_MODEL_FOR = {BRAIN_TISSUE: BRAIN_EXTRACTION}
 
 
 @dataclass
@@ -89,7 +87,9 @@ def segment(
     torch_device = engine.select_device(device)
     mask = None
     provenance: dict[str, Any] = {"device": str(torch_device), "models": []}
-    mask_model = MASK_MODEL_FOR.get(model)
+    main_model = store.get(model)
+    # A model trained on skull-stripped brains names the model that extracts the brain first.
+    mask_model = main_model.card.preprocessing.get("mask")
     first_share = 0.45 if mask_model else 0.0
     if mask_model:
         brain = _run_model(
@@ -107,7 +107,7 @@ def segment(
             raise InvalidImageError("No brain was found in the input; is this a brain MRI?")
     output = _run_model(
         working,
-        store.get(model),
+        main_model,
         torch_device,
         mask,
         uncertainty,

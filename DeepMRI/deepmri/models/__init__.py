@@ -1,0 +1,27 @@
+"""Models: validated cards, the store that finds and verifies them, fetching and importing.
+
+A model is a folder with `card.json` and its weights; see Docs/models.md for the card schema.
+"""
+
+from deepmri.models.card import CARD_FILE, Label, ModelCard, example_card
+from deepmri.models.store import (
+    WEIGHTS_FILE,
+    Model,
+    ModelInfo,
+    ModelStore,
+    save_model,
+    sha256_of,
+)
+
+__all__ = [
+    "CARD_FILE",
+    "WEIGHTS_FILE",
+    "Label",
+    "Model",
+    "ModelCard",
+    "ModelInfo",
+    "ModelStore",
+    "example_card",
+    "save_model",
+    "sha256_of",
+]

@@ -1,0 +1,371 @@
+"""The model card: what a model expects, what it outputs, how it was trained and how well it does.
+
+`card.json` sits beside `weights.safetensors` in every model folder. It is validated on load, and
+each error names the field that is wrong, so a user completing an imported model's card can fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deepmri.errors import CardError
+
+CARD_FILE = "card.json"
+TASKS = (
+    "segmentation",
+    "registration",
+    "super-resolution",
+    "synthesis",
+    "reconstruction",
+    "denoising",
+)
+WEIGHT_FORMATS = ("safetensors", "torchscript", "onnx", "monai-bundle")
+NORMALIZATIONS = ("percentile", "zscore", "none")
+_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def _fail(field_name: str, expected: str, got: Any) -> CardError:
+    return CardError(f"card.json field '{field_name}' must be {expected}, got {got!r}")
+
+
+def _require(mapping: dict[str, Any], key: str, prefix: str = "") -> Any:
+    if key not in mapping or mapping[key] is None:
+        raise CardError(f"card.json is missing the field '{prefix}{key}'")
+    return mapping[key]
+
+
+def _positive_numbers(value: Any, count: int | None, field_name: str) -> list[float]:
+    ok = isinstance(value, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in value
+    )
+    if not ok or (count is not None and len(value) != count):
+        amount = f"{count} positive numbers" if count else "a list of positive numbers"
+        raise _fail(field_name, amount, value)
+    return [float(v) for v in value]
+
+
+def _colour(value: Any, field_name: str) -> list[float]:
+    ok = isinstance(value, list | tuple) and len(value) == 3
+    ok = ok and all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in value)
+    if not ok:
+        raise _fail(field_name, "[r, g, b] with each value from 0 to 1", value)
+    return [float(v) for v in value]
+
+
+@dataclass
+class Label:
+    """One output label: its value in the label map, name, colour and optional terminology."""
+
+    value: int
+    name: str
+    color: list[float]
+    terminology: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, index: int) -> Label:
+        prefix = f"labels[{index}]."
+        if not isinstance(data, dict):
+            raise _fail(f"labels[{index}]", "an object with value, name and color", data)
+        value = _require(data, "value", prefix)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 256:
+            raise _fail(prefix + "value", "a whole number from 1 to 255", value)
+        name = _require(data, "name", prefix)
+        if not isinstance(name, str) or not name.strip():
+            raise _fail(prefix + "name", "a non-empty name", name)
+        color = _colour(_require(data, "color", prefix), prefix + "color")
+        terminology = data.get("terminology")
+        if terminology is not None and not isinstance(terminology, dict):
+            raise _fail(prefix + "terminology", "an object or null", terminology)
+        return cls(value, name, color, terminology)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "name": self.name,
+            "color": self.color,
+            "terminology": self.terminology,
+        }
+
+
+@dataclass
+class ModelCard:
+    """A validated card.json. Unknown fields are kept in `extra` and written back unchanged.
+
+    Examples:
+        >>> card = ModelCard.from_dict(example_card())
+        >>> card.id, card.task, card.spacing
+        ('example', 'segmentation', [2.0, 2.0, 2.0])
+    """
+
+    id: str
+    version: str
+    task: str
+    architecture: dict[str, Any]
+    input: dict[str, Any]
+    preprocessing: dict[str, Any]
+    inference: dict[str, Any]
+    labels: list[Label]
+    weights: dict[str, Any]
+    license: str
+    postprocessing: list[str] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    citation: str = ""
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> list[float]:
+        return [float(v) for v in self.preprocessing["spacing"]]
+
+    @property
+    def patch_size(self) -> list[int]:
+        return [int(v) for v in self.inference["patch_size"]]
+
+    @property
+    def weights_format(self) -> str:
+        return self.weights.get("format", "safetensors")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelCard:
+        """Validate a card dictionary; the CardError names the first bad field."""
+        if not isinstance(data, dict):
+            raise CardError("card.json must hold a JSON object")
+        card_id = _require(data, "id")
+        if not isinstance(card_id, str) or not _ID.match(card_id):
+            raise _fail("id", "lower-case letters, digits, '.', '_' or '-'", card_id)
+        version = str(_require(data, "version"))
+        task = _require(data, "task")
+        if task not in TASKS:
+            raise _fail("task", f"one of {', '.join(TASKS)}", task)
+        architecture = _validate_architecture(_require(data, "architecture"))
+        input_spec = _validate_input(_require(data, "input"))
+        preprocessing = _validate_preprocessing(_require(data, "preprocessing"))
+        inference = _validate_inference(_require(data, "inference"))
+        labels_data = data.get("labels", [])
+        if not isinstance(labels_data, list):
+            raise _fail("labels", "a list", labels_data)
+        labels = [Label.from_dict(item, index) for index, item in enumerate(labels_data)]
+        if task == "segmentation" and not labels:
+            raise CardError(
+                "card.json field 'labels' must list at least one label for segmentation"
+            )
+        values = [label.value for label in labels]
+        if len(set(values)) != len(values):
+            raise _fail("labels", "labels with distinct values", values)
+        weights = _validate_weights(_require(data, "weights"))
+        license_text = _require(data, "license")
+        if not isinstance(license_text, str) or not license_text.strip():
+            raise _fail("license", "the licence of the weights", license_text)
+        postprocessing = data.get("postprocessing") or []
+        if not isinstance(postprocessing, list) or not all(
+            isinstance(s, str) for s in postprocessing
+        ):
+            raise _fail("postprocessing", "a list of step names", postprocessing)
+        metrics = data.get("metrics") or []
+        _validate_metrics(metrics)
+        known = set(cls.__dataclass_fields__) - {"extra"}
+        return cls(
+            id=card_id,
+            version=version,
+            task=task,
+            architecture=architecture,
+            input=input_spec,
+            preprocessing=preprocessing,
+            inference=inference,
+            labels=labels,
+            weights=weights,
+            license=license_text,
+            postprocessing=list(postprocessing),
+            metrics=list(metrics),
+            training=dict(data.get("training") or {}),
+            citation=str(data.get("citation") or ""),
+            description=str(data.get("description") or ""),
+            extra={key: value for key, value in data.items() if key not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "id": self.id,
+            "version": self.version,
+            "task": self.task,
+            "description": self.description,
+            "architecture": self.architecture,
+            "input": self.input,
+            "preprocessing": self.preprocessing,
+            "inference": self.inference,
+            "postprocessing": self.postprocessing,
+            "labels": [label.to_dict() for label in self.labels],
+            "metrics": self.metrics,
+            "training": self.training,
+            "license": self.license,
+            "citation": self.citation,
+            "weights": self.weights,
+        }
+        data.update(self.extra)
+        return data
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelCard:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CardError(f"No model card at {path}") from None
+        except json.JSONDecodeError as error:
+            raise CardError(
+                f"{path} is not valid JSON (line {error.lineno}: {error.msg})"
+            ) from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CARD_FILE
+        temporary = path.with_suffix(".json.partial")
+        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        temporary.replace(path)
+        return path
+
+
+def _validate_architecture(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _fail("architecture", "an object with name and config", data)
+    name = _require(data, "name", "architecture.")
+    if not isinstance(name, str):
+        raise _fail("architecture.name", "a network name such as 'monai.UNet'", name)
+    config = data.get("config", {})
+    if not isinstance(config, dict):
+        raise _fail("architecture.config", "an object of network arguments", config)
+    return {**data, "config": config}
+
+
+def _validate_input(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _fail("input", "an object with contrasts and channels", data)
+    contrasts = data.get("contrasts", ["any"])
+    if not isinstance(contrasts, list) or not contrasts:
+        raise _fail("input.contrasts", "a list of contrasts in channel order", contrasts)
+    channels = data.get("channels", len(contrasts))
+    if not isinstance(channels, int) or channels < 1:
+        raise _fail("input.channels", "a whole number of at least 1", channels)
+    return {**data, "contrasts": contrasts, "channels": channels}
+
+
+def _validate_preprocessing(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _fail("preprocessing", "an object with spacing and normalization", data)
+    spacing = _positive_numbers(
+        _require(data, "spacing", "preprocessing."), 3, "preprocessing.spacing"
+    )
+    orientation = data.get("orientation", "RAS")
+    if (
+        not isinstance(orientation, str)
+        or sorted(orientation.upper()) != sorted(set(orientation.upper()))
+        or len(orientation) != 3
+    ):
+        raise _fail("preprocessing.orientation", "three axis letters such as 'RAS'", orientation)
+    normalization = data.get("normalization", {"method": "percentile"})
+    if not isinstance(normalization, dict) or normalization.get("method") not in NORMALIZATIONS:
+        raise _fail(
+            "preprocessing.normalization.method",
+            f"one of {', '.join(NORMALIZATIONS)}",
+            normalization,
+        )
+    return {**data, "spacing": spacing, "orientation": orientation, "normalization": normalization}
+
+
+def _validate_inference(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _fail("inference", "an object with patch_size and overlap", data)
+    patch = _require(data, "patch_size", "inference.")
+    if (
+        not isinstance(patch, list)
+        or len(patch) != 3
+        or not all(isinstance(v, int) and v > 0 for v in patch)
+    ):
+        raise _fail("inference.patch_size", "3 positive whole numbers", patch)
+    overlap = data.get("overlap", 0.5)
+    if not isinstance(overlap, int | float) or not 0.0 <= overlap < 1.0:
+        raise _fail("inference.overlap", "a number from 0 to below 1", overlap)
+    flips = data.get("flips", [])
+    if not isinstance(flips, list) or not all(
+        isinstance(f, list) and all(isinstance(d, int) and 2 <= d <= 4 for d in f) for f in flips
+    ):
+        raise _fail("inference.flips", "lists of tensor dims 2, 3 or 4", flips)
+    return {**data, "patch_size": patch, "overlap": float(overlap), "flips": flips}
+
+
+def _validate_weights(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _fail("weights", "an object with file, sha256 and size", data)
+    file_name = _require(data, "file", "weights.")
+    if (
+        not isinstance(file_name, str)
+        or "/" in file_name
+        or "\\" in file_name
+        or file_name.startswith(".")
+    ):
+        raise _fail("weights.file", "a file name inside the model folder", file_name)
+    sha256 = _require(data, "sha256", "weights.")
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise _fail("weights.sha256", "64 lower-case hexadecimal digits", sha256)
+    size = _require(data, "size", "weights.")
+    if not isinstance(size, int) or size <= 0:
+        raise _fail("weights.size", "the file size in bytes", size)
+    weight_format = data.get("format", "safetensors")
+    if weight_format not in WEIGHT_FORMATS:
+        raise _fail("weights.format", f"one of {', '.join(WEIGHT_FORMATS)}", weight_format)
+    return {**data, "format": weight_format}
+
+
+def _validate_metrics(metrics: Any) -> None:
+    if not isinstance(metrics, list):
+        raise _fail("metrics", "a list", metrics)
+    for index, metric in enumerate(metrics):
+        if not isinstance(metric, dict):
+            raise _fail(f"metrics[{index}]", "an object with name, value and dataset", metric)
+        for key in ("name", "value", "dataset"):
+            _require(metric, key, f"metrics[{index}].")
+        if not isinstance(metric["value"], int | float):
+            raise _fail(f"metrics[{index}].value", "a number", metric["value"])
+
+
+def example_card(**overrides: Any) -> dict[str, Any]:
+    """A complete, valid card dictionary to start from (tests, imports, documentation)."""
+    card = {
+        "id": "example",
+        "version": "0.1.0",
+        "task": "segmentation",
+        "architecture": {
+            "name": "monai.UNet",
+            "config": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 2,
+                "channels": [4, 8],
+                "strides": [2],
+            },
+        },
+        "input": {"contrasts": ["any"], "channels": 1},
+        "preprocessing": {
+            "spacing": [2.0, 2.0, 2.0],
+            "orientation": "RAS",
+            "normalization": {"method": "percentile", "lower": 0.5, "upper": 99.5},
+        },
+        "inference": {"patch_size": [32, 32, 32], "overlap": 0.5, "flips": [[4]]},
+        "postprocessing": [],
+        "labels": [{"value": 1, "name": "Foreground", "color": [1.0, 0.0, 0.0]}],
+        "metrics": [],
+        "training": {},
+        "license": "Apache-2.0",
+        "weights": {"file": "weights.safetensors", "sha256": "0" * 64, "size": 1},
+    }
+    card.update(overrides)
+    return card
