@@ -42,6 +42,7 @@ class ModelInfo:
     source: str  # "bundled", "cache" or "extra"
     path: Path
     status: str  # "ok", "weights missing", or the card error
+    card: ModelCard | None = None  # None where the card is invalid (see status)
 
 
 class Model:
@@ -161,7 +162,9 @@ class ModelStore:
             seen.add(card.id)
             status = "ok" if (folder / card.weights["file"]).exists() else "weights missing"
             rows.append(
-                ModelInfo(card.id, card.version, card.task, card.license, source, folder, status)
+                ModelInfo(
+                    card.id, card.version, card.task, card.license, source, folder, status, card
+                )
             )
         return rows
 
@@ -184,6 +187,19 @@ class ModelStore:
             f"No model '{model_id_or_path}' is installed (installed: {known}). Use "
             "'deepmri models fetch URL' or 'deepmri models import' to add it."
         )
+
+    def remove(self, model_id: str) -> None:
+        """Delete a model from the user's cache; bundled and extra folders are never touched."""
+        import shutil
+
+        model = self.get(model_id)
+        cache = self.cache.resolve()
+        if cache not in model.path.resolve().parents:
+            raise ModelError(
+                f"Model '{model_id}' is not in the user's cache ({model.path}); only cached "
+                "models can be removed here."
+            )
+        shutil.rmtree(model.path)
 
 
 def save_model(
