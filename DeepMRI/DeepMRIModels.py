@@ -32,7 +32,15 @@ SETTINGS = {
     "precision": ("DeepMRI/Precision", "DEEPMRI_PRECISION"),
     "extraModelPaths": ("DeepMRI/ModelPaths", "DEEPMRI_MODEL_PATH"),
 }
-TABLE_COLUMNS = [_("Model"), _("Version"), _("Task"), _("Licence"), _("Metrics"), _("Where")]
+TABLE_COLUMNS = [
+    _("Model"),
+    _("Version"),
+    _("Task"),
+    _("Licence"),
+    _("Metrics"),
+    _("Where"),
+    _("Status"),
+]
 POLL_INTERVAL_MS = 200
 
 
@@ -449,30 +457,28 @@ class DeepMRIModelsLogic(ScriptedLoadableModuleLogic):
         return Settings.from_environment().model_cache
 
     def listModels(self) -> list:
-        """One row per model: id, version, task, licence, metrics, where it is found, its path."""
-        store = self.store()
-        cache = self.cacheFolder().resolve()
+        """One row per model: id, version, task, licence, metrics, where it is, status, path."""
         rows = []
-        for info in store.list():
-            card = _cardDict(info)
-            path = pathlib.Path(getattr(info, "path", "") or "")
-            inCache = cache in path.resolve().parents
+        for info in self.store().list():
+            card = info.card.to_dict() if info.card is not None else {}
+            where = {"bundled": _("bundled"), "cache": _("cache"), "extra": _("folder")}
             rows.append(
                 {
-                    "id": card["id"],
-                    "version": card.get("version", ""),
-                    "task": card.get("task", ""),
-                    "license": card.get("license", ""),
+                    "id": info.id,
+                    "version": info.version,
+                    "task": info.task,
+                    "license": info.license,
                     "metrics": _metricsText(card.get("metrics", [])),
-                    "source": _("cache") if inCache else _sourceName(path),
-                    "path": path,
-                    "removable": inCache,
+                    "source": where.get(info.source, info.source),
+                    "status": info.status,
+                    "path": info.path,
+                    "removable": info.source == "cache",
                 }
             )
         return sorted(rows, key=lambda row: row["id"])
 
     def card(self, modelId: str) -> dict:
-        return _cardDict(self.store().get(modelId))
+        return self.store().get(modelId).card.to_dict()
 
     def cardHtml(self, modelId: str) -> str:
         """The card as a short HTML page for the details box."""
@@ -519,8 +525,9 @@ class DeepMRIModelsLogic(ScriptedLoadableModuleLogic):
         return "".join(parts)
 
     def verify(self, modelId: str, device: str = "auto") -> str:
-        """Check the weights against the card's checksum by loading the network once."""
+        """Check the weights' size and checksum against the card, then load the network once."""
         model = self.store().get(modelId)
+        model.verify()
         network = model.load_network(device=None if device in (None, "", "auto") else device)
         parameters = sum(parameter.numel() for parameter in network.parameters())
         return _("{model}: checksum verified, network loaded ({count:,} parameters).").format(
@@ -528,16 +535,53 @@ class DeepMRIModelsLogic(ScriptedLoadableModuleLogic):
         )
 
     def importModel(self, path, card=None) -> str:
-        """Import a TorchScript/ONNX file (with `card`), a MONAI bundle or a model folder; returns its id."""
-        model = self.store().import_model(
-            pathlib.Path(path), card=None if card is None else pathlib.Path(card)
-        )
-        return _cardDict(model)["id"]
+        """Import a model into the cache; returns its id.
+
+        A DeepMRI model folder (card.json + weights) is verified and copied; TorchScript and ONNX
+        files (with `card`, a card.json describing them) and MONAI bundles go through
+        `deepmri.models.importers`.
+        """
+        import shutil
+        import tempfile
+
+        from deepmri.models import CARD_FILE, Model
+
+        path = pathlib.Path(path)
+        cache = self.cacheFolder()
+        if not (path / CARD_FILE).is_file():
+            from deepmri.models import importers
+
+            model = importers.import_model(
+                path, cache, card=None if card is None else pathlib.Path(card)
+            )
+            return model.card.id
+        model = Model(path)
+        model.verify()
+        target = cache / model.card.id
+        if target.exists():
+            raise ValueError(
+                _("A model '{model}' is already in the cache ({path}); remove it first.").format(
+                    model=model.card.id, path=target
+                )
+            )
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=".import-", dir=cache))
+        try:  # copied beside the cache, then renamed: the store never sees half a model
+            shutil.copytree(path, staging / "model", dirs_exist_ok=True)
+            Model(staging / "model").verify()
+            (staging / "model").rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return model.card.id
 
     def fetch(self, url: str, sha256=None, progress=None, cancel=None) -> str:
         """Download a model (resumable, checksum-checked) into the cache; returns its id."""
-        model = self.store().fetch(url, sha256=sha256, progress=progress, cancel=cancel)
-        return _cardDict(model)["id"]
+        from deepmri.models.fetch import fetch_model
+
+        model = fetch_model(
+            url, self.cacheFolder(), sha256=sha256, progress=progress, cancel=cancel
+        )
+        return model.card.id
 
     def remove(self, modelId: str) -> None:
         """Delete a model from the user's cache (bundled models are read-only)."""
@@ -561,24 +605,8 @@ class DeepMRIModelsLogic(ScriptedLoadableModuleLogic):
         )
 
 
-def _cardDict(info) -> dict:
-    """A model's card as a dict, from a ModelInfo/Model (`.card` object or dict) or a dict."""
-    card = getattr(info, "card", info)
-    if hasattr(card, "to_dict"):
-        return card.to_dict()
-    return dict(card)
-
-
 def _metricsText(metrics) -> str:
     return "; ".join(f"{m.get('name')} {m.get('value')}" for m in metrics[:3])
-
-
-def _sourceName(path: pathlib.Path) -> str:
-    from deepmri.settings import BUNDLED_MODELS_DIR
-
-    if BUNDLED_MODELS_DIR.resolve() in path.resolve().parents:
-        return _("bundled")
-    return _("folder")
 
 
 def _hexColor(color) -> str:

@@ -344,11 +344,11 @@ class DeepMRISegmentationLogic(ScriptedLoadableModuleLogic):
 
         models = []
         for info in ModelStore().list():
-            card = _card_dict(info)
-            if card.get("task", "segmentation") != "segmentation":
-                continue
+            if info.card is None or info.status != "ok" or info.task != "segmentation":
+                continue  # listed with the reason in the DeepMRI Models module
+            card = info.card.to_dict()
             labels = ", ".join(label["name"] for label in card.get("labels", []))
-            title = card.get("title") or card["id"].replace("-", " ").capitalize()
+            title = card["id"].replace("-", " ").capitalize()
             description = _("{title} v{version}: {labels}. Licence: {license}.").format(
                 title=title,
                 version=card.get("version", "?"),
@@ -496,14 +496,6 @@ class _MarkingJob:
         outputs = self._job.finish()
         self._logic.markOverlays(outputs)
         return outputs
-
-
-def _card_dict(info) -> dict:
-    """A model's card as a dict, from a ModelInfo/Model (`.card` object or dict) or a dict."""
-    card = getattr(info, "card", info)
-    if hasattr(card, "to_dict"):
-        return card.to_dict()
-    return dict(card)
 
 
 class DeepMRISegmentationTest(ScriptedLoadableModuleTest):

@@ -238,3 +238,33 @@ def test_widget_calls_only_logic_methods_and_slots_that_exist(module):
         and re.fullmatch(r"self\.\w+", ast.unparse(node.args[-1]))
     }
     assert slots and slots <= widget_methods, slots - widget_methods
+
+
+def _function_call_keywords(module: str, name: str) -> set[str] | None:
+    keywords = None
+    for node in ast.walk(_tree(module)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == name:
+            keywords = (keywords or set()) | {k.arg for k in node.keywords if k.arg}
+    return keywords
+
+
+@pytest.mark.parametrize(
+    ("module_name", "function", "called_as"),
+    [
+        ("deepmri.models.fetch", "fetch_model", "fetch_model"),
+        ("deepmri.models.importers", "import_model", "importers.import_model"),
+    ],
+)
+def test_models_module_calls_fetch_and_import_with_arguments_they_accept(
+    module_name, function, called_as
+):
+    import importlib
+    import inspect
+
+    keywords = _function_call_keywords("DeepMRIModels", called_as)
+    assert keywords is not None, f"DeepMRIModels.py does not call {called_as}"
+    try:
+        target = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError):
+        pytest.skip(f"{module_name}.{function} is not written yet")
+    assert keywords <= set(inspect.signature(target).parameters)
