@@ -188,6 +188,18 @@ class ModelStore:
             "'deepmri models fetch URL' or 'deepmri models import' to add it."
         )
 
+    def fetch(self, url: str, *, sha256: str | None = None, **options: Any) -> Model:
+        """Download a model into the cache (see `deepmri.models.fetch.fetch_model`)."""
+        from deepmri.models.fetch import fetch_model
+
+        return fetch_model(url, self.cache, sha256=sha256, **options)
+
+    def import_model(self, source: str | os.PathLike, card: Any = None, **options: Any) -> Model:
+        """Copy an outside network into the cache (see `deepmri.models.importers.import_model`)."""
+        from deepmri.models.importers import import_model
+
+        return import_model(source, self.cache, card=card, **options)
+
     def remove(self, model_id: str) -> None:
         """Delete a model from the user's cache; bundled and extra folders are never touched."""
         import shutil
