@@ -333,72 +333,102 @@ def test_the_scripting_guide_calls_only_functions_and_keywords_that_exist():
     assert checked > 20
 
 
-class _OneNetworkStore:
-    """The model store's interface (`get(id)` -> model with `.card` and `.load_network`) over one
-    real MONAI network with fixed random weights: runs the real segment task with no trained model."""
-
-    def __init__(self, card: dict, network) -> None:
-        self._card, self._network = card, network
-
-    def get(self, model_id: str):
-        store = self
-
-        class _Model:
-            card = type("Card", (), {"to_dict": staticmethod(lambda: dict(store._card))})()
-
-            @staticmethod
-            def load_network(device=None):
-                return store._network.to(device).eval()
-
-        return _Model()
-
-
-def test_the_real_segment_task_runs_through_the_logic_with_a_real_network(scene):
-    pytest.importorskip("deepmri.engine")
+@pytest.fixture(scope="module")
+def random_unet_model(tmp_path_factory) -> Path:
+    """A real model folder (card.json + safetensors) holding a small MONAI UNet with fixed random
+    weights: the real store, engine and segment task run end to end with no trained model."""
     torch = pytest.importorskip("torch")
+    pytest.importorskip("deepmri.engine")
+    models = pytest.importorskip("deepmri.models")
+    from deepmri.nets import build_network
+
+    card = models.example_card(
+        id="test-random-unet",
+        labels=[
+            {
+                "value": 1,
+                "name": "Brain",
+                "color": [0.87, 0.72, 0.53],
+                "terminology": {
+                    "category": {
+                        "scheme": "SCT",
+                        "code": "123037004",
+                        "meaning": "Anatomical Structure",
+                    },
+                    "type": {"scheme": "SCT", "code": "12738006", "meaning": "Brain"},
+                },
+            }
+        ],
+    )
+    card["preprocessing"]["spacing"] = [4.0, 4.0, 4.0]
+    card["inference"]["patch_size"] = [16, 16, 16]
+    torch.manual_seed(0)
+    network = build_network(card["architecture"]["name"], card["architecture"]["config"])
+    root = tmp_path_factory.mktemp("models")
+    models.save_model(network, card, root / "test-random-unet", dtype="float32")
+    return root
+
+
+def _real_head() -> sitk.Image:
+    import nibabel
+
+    # A real MRI shipped with nibabel: 33x41x25 at 2 mm, y axis flipped.
+    return sitk.ReadImage(str(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"))
+
+
+def test_the_real_segment_task_runs_through_the_logic_with_a_real_model(scene, random_unet_model):
     from functools import partial
 
-    import nibabel
+    from deepmri.models import ModelStore
     from deepmri.tasks.segment import segment
-    from monai.networks.nets import UNet
 
-    torch.manual_seed(0)
-    network = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
-    card = {
-        "id": "brain-extraction",
-        "version": "0-test",
-        "task": "segmentation",
-        "preprocessing": {
-            "spacing": [4.0, 4.0, 4.0],
-            "orientation": "RAS",
-            "normalization": {"method": "percentile", "lower": 0.5, "upper": 99.5},
-        },
-        "inference": {"patch_size": [16, 16, 16], "overlap": 0.25, "flips": [[2]]},
-        "postprocessing": [],
-        "labels": [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6], "terminology": None}],
-        "weights": {"sha256": "random-init"},
-    }
-    store = _OneNetworkStore(card, network)
-    head = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"  # real MRI, 2 mm
-    image = sitk.ReadImage(str(head))
+    store = ModelStore(extra_paths=(random_unet_model,))
+    image = _real_head()
     node = mrml.volume_node_from_image(image, scene, "anatomical")
     before = fingerprint(node)
     logic = SegmentationLogic(scene, segment_function=partial(segment, store=store))
     outputs = logic.run(
-        node, "brain-extraction", device="cpu", probabilities=True, uncertainty=True
+        node, "test-random-unet", device="cpu", probabilities=True, uncertainty=True
     )
     assert fingerprint(node) == before
-    assert outputs.segmentation.GetName() == "anatomical segmentation (brain extraction)"
+    assert outputs.segmentation.GetName() == "anatomical segmentation (test random unet)"
     segments = outputs.segmentation.GetSegmentation()
-    assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == [
-        "Brain"
-    ]
-    direct = segment(image, "brain-extraction", device="cpu", uncertainty=True, store=store)
+    brain = segments.GetNthSegment(0)
+    assert segments.GetNumberOfSegments() == 1 and brain.GetName() == "Brain"
+    assert "SCT^12738006^Brain" in brain.GetTerminology()
+    direct = segment(image, "test-random-unet", device="cpu", uncertainty=True, store=store)
     exported = mrml.labels_from_segmentation_node(outputs.segmentation, node)
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(direct.labels)
     )
-    brain_probability = mrml.image_from_volume_node(outputs.probabilities["Brain"])
-    assert brain_probability.GetSize() == image.GetSize()
-    np.testing.assert_allclose(brain_probability.GetDirection(), image.GetDirection())
+    probability = mrml.image_from_volume_node(outputs.probabilities["Brain"])
+    assert probability.GetSize() == image.GetSize()
+    np.testing.assert_allclose(probability.GetDirection(), image.GetDirection())
+    np.testing.assert_allclose(probability.GetOrigin(), image.GetOrigin())
     assert outputs.uncertainty is not None
+
+
+def test_the_real_segment_task_runs_in_the_background_worker(scene, random_unet_model, tmp_path):
+    from deepmri.models import ModelStore
+    from deepmri.tasks.segment import segment
+
+    image = _real_head()
+    node = mrml.volume_node_from_image(image, scene, "anatomical")
+    logic = SegmentationLogic(
+        scene,
+        worker_environment={
+            "DEEPMRI_MODEL_PATH": str(random_unet_model),
+            "DEEPMRI_HOME": str(tmp_path),
+        },
+    )
+    job = logic.start(node, "test-random-unet", device="cpu", probabilities=True)
+    job.job.wait()
+    outputs = job.finish()
+    assert job.state == jobs.SUCCEEDED
+    store = ModelStore(extra_paths=(random_unet_model,))
+    direct = segment(image, "test-random-unet", device="cpu", store=store)
+    exported = mrml.labels_from_segmentation_node(outputs.segmentation, node)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(direct.labels)
+    )
+    assert outputs.result.provenance["models"][0]["id"] == "test-random-unet"
