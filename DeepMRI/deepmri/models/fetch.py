@@ -39,6 +39,7 @@ def fetch_model(
     cache: str | os.PathLike,
     *,
     sha256: str | None = None,
+    model_id: str | None = None,
     force: bool = False,
     retries: int = 2,
     backoff: float = 1.0,
@@ -52,6 +53,7 @@ def fetch_model(
     model's authors. Interrupted downloads leave a `.partial` file that the next call resumes with
     an HTTP Range request; a checksum mismatch deletes it. An identical model already installed is
     returned as is; a different one with the same id is replaced only with `force=True`.
+    `model_id` installs the model under that id instead of the one its card gives.
 
     Examples:
         >>> fetch_model("https://example.org/brain.zip", "~/.deepmri/models")  # doctest: +SKIP
@@ -73,12 +75,14 @@ def fetch_model(
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
         try:
             folder = _extract_model(archive, staging)
-            model = install_model_folder(folder, cache, force)
+            model = install_model_folder(folder, cache, force, model_id)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         archive.unlink(missing_ok=True)
     elif name.lower().endswith(".json"):
-        model = _fetch_card_and_weights(url, cache, downloads, sha256, force, progress, options)
+        model = _fetch_card_and_weights(
+            url, cache, downloads, sha256, force, progress, options, model_id
+        )
     else:
         raise FetchError(
             f"Cannot tell what {url} is: a model URL must end in .zip, .tar.gz, .tgz or .tar "
@@ -245,6 +249,7 @@ def _fetch_card_and_weights(
     force: bool,
     progress: ProgressCallback,
     options: dict[str, Any],
+    model_id: str | None = None,
 ) -> Model:
     card_path = download(url, downloads / _download_name(url), sha256=sha256, **options)
     try:
@@ -265,7 +270,7 @@ def _fetch_card_and_weights(
         )
         shutil.move(str(weights), staging / card.weights["file"])
         shutil.move(str(card_path), staging / CARD_FILE)
-        return install_model_folder(staging, cache, force)
+        return install_model_folder(staging, cache, force, model_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -317,12 +322,19 @@ def _check_member_name(name: str, archive: Path) -> None:
         raise FetchError(f"{archive.name} holds an unsafe path ({name}); it was not unpacked.")
 
 
-def install_model_folder(folder: Path, cache: Path, force: bool) -> Model:
+def install_model_folder(
+    folder: Path, cache: Path, force: bool, model_id: str | None = None
+) -> Model:
     """Verify the model in `folder`, then move it to `cache/<id>` in one rename."""
     try:
         model = Model(folder)
+        if model_id and model.card.id != model_id:
+            data = model.card.to_dict()
+            data["id"] = model_id
+            model = Model(folder, ModelCard.from_dict(data))
+            model.card.save(folder / CARD_FILE)
     except CardError as error:
-        raise FetchError(f"The downloaded model's card is invalid: {error}") from None
+        raise FetchError(f"The model's card is invalid: {error}") from None
     model.verify()
     target = cache / model.card.id
     if (target / CARD_FILE).exists():

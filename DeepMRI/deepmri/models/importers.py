@@ -81,13 +81,16 @@ def import_model(
     *,
     card: str | os.PathLike | dict[str, Any] | ModelCard | None = None,
     model_id: str | None = None,
+    overrides: dict[str, Any] | None = None,
     force: bool = False,
 ) -> Model:
     """Copy the network at `source` into `cache/<id>` with a completed card, and check it loads.
 
     TorchScript, ONNX and state dicts need `card` (labels, spacing, patch size: what the network
-    was trained with); without one, `CardNeeded` carries a draft to complete. MONAI bundles give
-    a draft from their metadata and inference config; it is used as is when nothing is missing.
+    was trained with) or `overrides` that complete the draft card; without them, `CardNeeded`
+    carries a draft to complete. MONAI bundles give a draft from their metadata and inference
+    config; it is used as is when nothing is missing. `overrides` (e.g. from the command line's
+    --labels/--spacing/--patch) are merged into the card, nested objects key by key.
 
     Examples:
         >>> import_model("unet.onnx", "~/.deepmri/models", card="unet.card.json")  # doctest: +SKIP
@@ -103,11 +106,12 @@ def import_model(
         folder = staging / "model"
         folder.mkdir()
         if fmt == "deepmri":
-            _stage_model_folder(source, folder, card, model_id)
+            _stage_model_folder(source, folder, card, model_id, overrides)
         elif fmt == "state-dict":
-            _stage_state_dict(source, folder, _card_data(source, fmt, card, model_id))
+            _stage_state_dict(source, folder, _card_data(source, fmt, card, model_id, overrides))
         else:
-            _stage_network_file(source, folder, fmt, _card_data(source, fmt, card, model_id))
+            data = _card_data(source, fmt, card, model_id, overrides)
+            _stage_network_file(source, folder, fmt, data)
         model = Model(folder)
         model.load_network()  # refuse now what would fail at the first run
         return install_model_folder(folder, cache, force)
@@ -227,27 +231,39 @@ def _card_data(
     fmt: str,
     card: str | os.PathLike | dict[str, Any] | ModelCard | None,
     model_id: str | None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The user's card (or the draft when it is complete), checked for leftover TODOs."""
     if card is None:
-        data = draft_card(source, fmt)
+        data = merge_card(draft_card(source, fmt), overrides or {})
         if model_id:
             data["id"] = model_id
         missing = missing_fields(data)
-        if missing or fmt in ("torchscript", "onnx", "state-dict"):
+        if missing or (fmt in ("torchscript", "onnx", "state-dict") and not overrides):
             raise CardNeeded(
                 f"{source.name} holds a network but not what it expects or outputs; complete "
                 f"the card ({', '.join(missing) or 'check every field'}) and import again with it.",
                 data,
             )
         return data
-    data = _read_card_argument(card)
+    data = merge_card(_read_card_argument(card), overrides or {})
     if model_id:
         data["id"] = model_id
     missing = missing_fields(data)
     if missing:
         raise CardError(f"card.json field '{missing[0]}' still says TODO; fill it in.")
     return data
+
+
+def merge_card(card: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`card` with `overrides` applied: objects merged key by key, anything else replaced."""
+    merged = copy.deepcopy(card)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_card(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def _read_card_argument(card: str | os.PathLike | dict[str, Any] | ModelCard) -> dict[str, Any]:
@@ -264,7 +280,13 @@ def _read_card_argument(card: str | os.PathLike | dict[str, Any] | ModelCard) ->
         raise CardError(f"{path} is not valid JSON (line {error.lineno}: {error.msg}).") from None
 
 
-def _stage_model_folder(source: Path, folder: Path, card: Any, model_id: str | None) -> None:
+def _stage_model_folder(
+    source: Path,
+    folder: Path,
+    card: Any,
+    model_id: str | None,
+    overrides: dict[str, Any] | None = None,
+) -> None:
     """A DeepMRI folder: checked against its own card, then copied (card overrides allowed)."""
     Model(source).verify()
     for item in source.iterdir():
@@ -272,12 +294,13 @@ def _stage_model_folder(source: Path, folder: Path, card: Any, model_id: str | N
             shutil.copy2(item, folder / item.name)
         elif item.is_dir():
             shutil.copytree(item, folder / item.name)
-    if card is not None or model_id:
+    if card is not None or model_id or overrides:
         data = (
             _read_card_argument(card)
             if card is not None
             else json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
         )
+        data = merge_card(data, overrides or {})
         own = json.loads((source / CARD_FILE).read_text(encoding="utf-8"))
         data["weights"] = own["weights"]
         if model_id:
