@@ -87,6 +87,8 @@ def segment_task(
     Outputs: "labels", "probability_<value>" per label, "uncertainty"; info carries the label
     list, model id, provenance and which probability file belongs to which label.
     """
+    # Importing torch and MONAI takes seconds: say so before the first real progress report.
+    progress(0.0, "Loading PyTorch and the model libraries")
     function = _load_function(options.get("function", "deepmri.tasks.segment:segment"))
     result = function(
         _require(inputs, "image"),
