@@ -206,3 +206,143 @@ def test_unknown_precision_is_refused():
         engine.infer(
             small_fully_convolutional_net(), torch.rand(1, 1, 8, 8, 8), (8, 8, 8), precision="fp8"
         )
+
+
+def out_of_memory_as_torch_raises_it() -> BaseException:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def out_of_memory_as_runtime_error() -> BaseException:
+    # What MPS and older CUDA builds raise: a plain RuntimeError naming the condition.
+    return RuntimeError(
+        "MPS backend out of memory (MPS allocated: 17.00 GB, max allowed: 18.13 GB)"
+    )
+
+
+def out_of_memory_from_the_cpu_allocator() -> BaseException:
+    return RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 7247757312 bytes. Error code 12 (Cannot allocate memory)"
+    )
+
+
+def out_of_memory_wrapped_by_a_library() -> BaseException:
+    # MONAI re-raises a failed Gaussian weight map as "Seems to be OOM" from the original error.
+    try:
+        raise out_of_memory_as_torch_raises_it()
+    except torch.OutOfMemoryError as original:
+        try:
+            raise RuntimeError(
+                "patch size (96, 96, 96), mode=gaussian: Seems to be OOM."
+            ) from original
+        except RuntimeError as wrapped:
+            return wrapped
+
+
+class RaisesAboveBatch(torch.nn.Module):
+    """A real 1x1x1 convolution that raises `error()` whenever it gets more tiles than allowed."""
+
+    def __init__(self, allowed: int, error) -> None:
+        super().__init__()
+        self.allowed = allowed
+        self.error = error
+        self.seen_batches: list[int] = []
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        self.seen_batches.append(tiles.shape[0])
+        if tiles.shape[0] > self.allowed:
+            raise self.error()
+        return self.conv(tiles)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        out_of_memory_as_torch_raises_it,
+        out_of_memory_as_runtime_error,
+        out_of_memory_from_the_cpu_allocator,
+        out_of_memory_wrapped_by_a_library,
+    ],
+)
+def test_every_form_of_out_of_memory_halves_the_tile_batch_and_the_result_is_unchanged(error):
+    torch.manual_seed(2)
+    volume = torch.rand(1, 1, 40, 40, 40)
+    net = RaisesAboveBatch(allowed=1, error=error)
+    messages: list[str] = []
+    result = engine.infer(
+        net,
+        volume,
+        (24, 24, 24),
+        sw_batch_size=4,
+        device="cpu",
+        progress=lambda f, m: messages.append(m),
+    )
+    assert result.tile_batch == 1
+    assert net.seen_batches[:3] == [4, 2, 1]
+    assert [m for m in messages if "Out of memory" in m] == [
+        "Out of memory: retrying with 2 tile(s) per batch",
+        "Out of memory: retrying with 1 tile(s) per batch",
+    ]
+    with torch.no_grad():
+        whole = net.conv(volume)  # a pointwise net: tiling changes nothing
+    torch.testing.assert_close(result.prediction, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_other_runtime_errors_are_not_mistaken_for_out_of_memory():
+    def shape_error() -> BaseException:
+        return RuntimeError(
+            "expected input[4, 1, 24, 24, 24] to have 2 channels, but got 1 channels"
+        )
+
+    net = RaisesAboveBatch(allowed=0, error=shape_error)
+    with pytest.raises(RuntimeError, match="2 channels"):
+        engine.infer(net, torch.rand(1, 1, 30, 30, 30), (24, 24, 24), sw_batch_size=4, device="cpu")
+    assert net.seen_batches == [4]  # no retry with fewer tiles
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="falling back to the CPU needs a GPU")
+def test_out_of_gpu_memory_with_one_tile_continues_on_the_cpu():
+    class OutOfMemoryOnTheGpu(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 1, 1)
+
+        def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+            if tiles.is_cuda:
+                raise out_of_memory_as_torch_raises_it()
+            return self.conv(tiles)
+
+    messages: list[str] = []
+    result = engine.infer(
+        OutOfMemoryOnTheGpu(),
+        torch.rand(1, 1, 40, 40, 40),
+        (24, 24, 24),
+        sw_batch_size=2,
+        device="cuda",
+        progress=lambda f, m: messages.append(m),
+    )
+    assert result.device == "cpu"
+    assert result.prediction.shape == (1, 1, 40, 40, 40)
+    assert any("continuing on the CPU" in m for m in messages)
+
+
+def test_progress_with_flips_rises_to_one_across_all_passes():
+    fractions: list[float] = []
+    result = engine.infer(
+        small_fully_convolutional_net(),
+        torch.rand(1, 1, 32, 32, 32),
+        (24, 24, 24),
+        sw_batch_size=4,
+        device="cpu",
+        flips=[(2,), (4,)],
+        progress=lambda fraction, message: fractions.append(fraction),
+    )
+    assert result.uncertainty is not None
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0)
+    assert len(fractions) == 3 * 2  # 3 passes of ceil(8 tiles / 4) tile batches
+
+
+def test_device_description_names_the_cpu_thread_count():
+    assert engine.describe_device("cpu") == f"CPU ({torch.get_num_threads()} threads)"

@@ -25,6 +25,7 @@ CPU_TILE_BATCH = 4
 # Accumulate the blended output on the CPU when it would take more than this share of free
 # device memory (the output and MONAI's weight map are both full-volume float32 tensors).
 DEVICE_OUTPUT_SHARE = 0.25
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory")
 
 
 @dataclass
@@ -65,7 +66,12 @@ def select_device(preference: str | torch.device | None = None) -> torch.device:
 
 
 def describe_device(device: str | torch.device | None = None) -> str:
-    """A one-line description for the user, e.g. 'CUDA: NVIDIA H100 (80 GB)' or 'CPU (2 threads)'."""
+    """A one-line description for the user, e.g. 'CUDA: NVIDIA H100 (80 GB)' or 'CPU (2 threads)'.
+
+    Examples:
+        >>> describe_device("cpu") == f"CPU ({torch.get_num_threads()} threads)"
+        True
+    """
     device = select_device(device)
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
@@ -148,10 +154,21 @@ class _Predictor:
         return output
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-    )
+def _is_out_of_memory(error: BaseException | None) -> bool:
+    """True for out-of-memory errors, also when a library re-raised one (`raise ... from`).
+
+    Besides `torch.OutOfMemoryError`, MPS and older CUDA builds raise a RuntimeError saying
+    "out of memory", the CPU allocator says "can't allocate memory", and MONAI re-raises a failed
+    Gaussian weight map as "Seems to be OOM" from the original error.
+    """
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError) or (
+            isinstance(error, RuntimeError)
+            and any(text in str(error).lower() for text in OUT_OF_MEMORY_MESSAGES)
+        ):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _output_device(device: torch.device, inputs: torch.Tensor) -> torch.device:
