@@ -251,7 +251,8 @@ def _card_data(
         data["id"] = model_id
     missing = missing_fields(data)
     if missing:
-        raise CardError(f"card.json field '{missing[0]}' still says TODO; fill it in.")
+        others = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise CardError(f"card.json field '{missing[0]}' still says TODO; fill it in{others}.")
     return data
 
 
@@ -425,6 +426,8 @@ def _refuse_code(parser: Any, key: str, model_id: str, seen: set[str]) -> None:
             for reference in re.findall(r"@([\w:#]+)", value):
                 _refuse_code(parser, reference.replace("#", "::"), model_id, seen)
         elif isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{where}::{name}")
             target = value.get("_target_")
             if (
                 isinstance(target, str)
@@ -437,8 +440,6 @@ def _refuse_code(parser: Any, key: str, model_id: str, seen: set[str]) -> None:
                 )
             if value.get("_mode_", "default") != "default":
                 raise ModelError(f"Model '{model_id}': bundle config '{where}' sets _mode_.")
-            for name, item in value.items():
-                walk(item, f"{where}::{name}")
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 walk(item, f"{where}::{index}")
