@@ -74,6 +74,22 @@ def test_list_shows_every_bundled_and_cached_model(home, capsys):
         assert listed[card.id]["version"] == card.version
 
 
+def test_list_marks_bundled_models_and_lets_them_win(home, capsys, tmp_path, monkeypatch):
+    """A stand-in bundled folder (the real one may still be empty) goes through the same code."""
+    import deepmri.models.store as store_module
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    cached_model(tmp_path / "b", "cli-bundled").path.rename(bundled / "cli-bundled")
+    cached_model(home, "cli-bundled")  # same id in the cache: the bundled one wins
+    monkeypatch.setattr(store_module, "BUNDLED_MODELS_DIR", bundled)
+    code, out, _ = run_cli(capsys, "list")
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [row for row in rows if row[0] == "cli-bundled"] == [
+        ["cli-bundled", "segmentation", "1.2.3", "CC-BY-4.0", "bundled", "ok"]
+    ]
+
+
 def test_list_on_an_empty_store_says_how_to_add_models(home, capsys, monkeypatch):
     if bundled_cards():
         pytest.skip("bundled models are present")
