@@ -4,6 +4,7 @@ loopback HTTP server (http.server in a thread) that can cut transfers short or f
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ def make_model(folder: Path, model_id: str = "test-tiny", seed: int = 0) -> Mode
 class LoopbackServer:
     """Files served on 127.0.0.1 with Range support; `plan[path]` lists faults for next requests.
 
+    Answers carry an ETag and honour If-Range (a changed file is sent whole, from byte 0).
     A fault is "truncate" (announce the full length, send half, close), "error" (HTTP 500) or
     "ignore-range" (answer 200 with the whole file even when a Range was asked for).
     """
@@ -84,7 +86,9 @@ def _handler(server_state: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                 self._plain(500, b"server error")
                 return
             start = 0
-            if range_header and fault != "ignore-range":
+            etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+            if_range = self.headers.get("If-Range")
+            if range_header and fault != "ignore-range" and if_range in (None, etag):
                 start = int(range_header.split("=")[1].split("-")[0])
                 if start >= len(body):
                     self.send_response(416)
@@ -97,6 +101,8 @@ def _handler(server_state: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_response(200)
             part = body[start:]
+            server_state.requests[-1]["status"] = 206 if start else 200
+            self.send_header("ETag", etag)
             self.send_header("Content-Length", str(len(part)))
             self.send_header("Accept-Ranges", "bytes")
             if fault == "truncate":

@@ -158,6 +158,25 @@ def test_a_server_that_ignores_range_restarts_from_zero(tmp_path, model_zip):
     assert model.card.id == "fetched-net"
 
 
+def test_a_file_changed_on_the_server_is_downloaded_again_not_spliced(tmp_path, model_zip):
+    data, _ = model_zip
+    newer = make_model(tmp_path / "newer" / "fetched-net", "fetched-net", seed=5)
+    newer_zip = zip_model(newer.path, inside="fetched-net/")
+    cache = tmp_path / "cache"
+    with loopback_server() as server:
+        server.files["/net.zip"] = data
+        server.fail_next("net.zip", "truncate")
+        with pytest.raises(FetchError, match="resume"):
+            fetch_model(server.url("net.zip"), cache, retries=0)
+        server.files["/net.zip"] = newer_zip  # a new release under the same address
+        model = fetch_model(
+            server.url("net.zip"), cache, sha256=hashlib.sha256(newer_zip).hexdigest()
+        )
+        last = server.requests[-1]
+    assert last["range"] is not None and last["status"] == 200  # If-Range: sent whole
+    assert model.card.weights["sha256"] == newer.card.weights["sha256"]
+
+
 def test_missing_file_is_a_clear_error_without_retries(tmp_path):
     with loopback_server() as server:
         with pytest.raises(FetchError, match="404.*Check the address"):

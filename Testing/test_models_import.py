@@ -132,6 +132,7 @@ def write_bundle(folder: Path, network: torch.nn.Module, network_def: dict | Non
     }
     (folder / "configs" / "inference.json").write_text(json.dumps(inference))
     (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    (folder / "LICENSE").write_text("Apache License\nVersion 2.0, January 2004\n")
     torch.save(network.state_dict(), folder / "models" / "model.pt")
     return folder
 
@@ -148,6 +149,8 @@ def test_monai_bundle_card_is_read_from_its_metadata_and_config(tmp_path):
     assert card["inference"]["patch_size"] == [16, 16, 16]
     assert card["inference"]["overlap"] == 0.25
     assert card["input"]["axis_order"] == "xyz"
+    assert card["license"] == "Apache License"
+    assert card["citation"] == "A test, 2026"
     assert missing_fields(card) == []
 
 

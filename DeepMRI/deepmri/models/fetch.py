@@ -76,9 +76,9 @@ def fetch_model(
         try:
             folder = _extract_model(archive, staging)
             model = install_model_folder(folder, cache, force, model_id)
-        finally:
+        finally:  # a finished archive is never resumed: keep no stale copy after a failure
             shutil.rmtree(staging, ignore_errors=True)
-        archive.unlink(missing_ok=True)
+            archive.unlink(missing_ok=True)
     elif name.lower().endswith(".json"):
         model = _fetch_card_and_weights(
             url, cache, downloads, sha256, force, progress, options, model_id
@@ -132,6 +132,7 @@ def download(
                 ) from None
             progress(0.0, f"{error}; retrying ({attempt} of {retries})")
             time.sleep(backoff * attempt)
+    partial.with_name(partial.name + ".validator").unlink(missing_ok=True)
     _verify_download(url, partial, sha256, expected_size)
     partial.replace(destination)
     return destination
@@ -151,9 +152,12 @@ def _transfer(
     """One HTTP request that appends to `partial` from where it stops."""
     check_cancel(cancel)
     have = partial.stat().st_size if partial.exists() else 0
+    validator_file = partial.with_name(partial.name + ".validator")
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     if have:
         request.add_header("Range", f"bytes={have}-")
+        if validator_file.exists():  # resume only if the server's file is still the same one
+            request.add_header("If-Range", validator_file.read_text(encoding="utf-8"))
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as error:
@@ -177,7 +181,12 @@ def _transfer(
                 )
             mode = "ab"
         else:
-            have, mode = 0, "wb"  # the server ignored the Range header: start over
+            have, mode = 0, "wb"  # the server ignored the Range, or its file changed: start over
+            validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+            if validator:
+                validator_file.write_text(validator, encoding="utf-8")
+            else:
+                validator_file.unlink(missing_ok=True)
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         received = _copy(response, partial, mode, have, total, url, progress, cancel)

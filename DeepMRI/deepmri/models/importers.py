@@ -457,8 +457,9 @@ def _fill_from_bundle(card: dict[str, Any], source: Path) -> None:
     card["id"] = _id_from_name(Path(str(meta.get("name") or source.name)))
     card["version"] = str(meta.get("version", card["version"]))
     card["description"] = str(meta.get("description") or card["description"])
-    if meta.get("license") or meta.get("copyright"):
-        card["license"] = str(meta.get("license") or meta.get("copyright"))
+    licence = meta.get("license") or _first_line(source / "LICENSE")
+    if licence:
+        card["license"] = str(licence)
     if meta.get("references"):
         card["citation"] = "; ".join(str(r) for r in meta["references"])
     card["input"]["axis_order"] = "xyz"
@@ -501,6 +502,14 @@ def _fill_from_bundle(card: dict[str, Any], source: Path) -> None:
         card["inference"]["patch_size"] = list(reversed(settings["roi_size"]))  # to (z, y, x)
     if "overlap" in settings:
         card["inference"]["overlap"] = settings["overlap"]
+
+
+def _first_line(path: Path) -> str:
+    """The licence name a bundle's LICENSE file starts with (e.g. 'Apache License')."""
+    if not path.is_file():
+        return ""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return next((line.strip() for line in lines if line.strip()), "")
 
 
 def _scan_transforms(config: Any) -> dict[str, Any]:
