@@ -535,43 +535,18 @@ class DeepMRIModelsLogic(ScriptedLoadableModuleLogic):
         )
 
     def importModel(self, path, card=None) -> str:
-        """Import a model into the cache; returns its id.
+        """Import a DeepMRI model folder, a MONAI bundle, or a TorchScript/ONNX file with `card`.
 
-        A DeepMRI model folder (card.json + weights) is verified and copied; TorchScript and ONNX
-        files (with `card`, a card.json describing them) and MONAI bundles go through
-        `deepmri.models.importers`.
+        The model is copied into the cache and loaded once before it is listed; returns its id.
+        A network file without a complete card fails with the list of fields to fill in.
         """
-        import shutil
-        import tempfile
+        from deepmri.models import importers
 
-        from deepmri.models import CARD_FILE, Model
-
-        path = pathlib.Path(path)
-        cache = self.cacheFolder()
-        if not (path / CARD_FILE).is_file():
-            from deepmri.models import importers
-
-            model = importers.import_model(
-                path, cache, card=None if card is None else pathlib.Path(card)
-            )
-            return model.card.id
-        model = Model(path)
-        model.verify()
-        target = cache / model.card.id
-        if target.exists():
-            raise ValueError(
-                _("A model '{model}' is already in the cache ({path}); remove it first.").format(
-                    model=model.card.id, path=target
-                )
-            )
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = pathlib.Path(tempfile.mkdtemp(prefix=".import-", dir=cache))
-        try:  # copied beside the cache, then renamed: the store never sees half a model
-            shutil.copytree(path, staging / "model", dirs_exist_ok=True)
-            Model(staging / "model").verify()
-            (staging / "model").rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        model = importers.import_model(
+            pathlib.Path(path),
+            self.cacheFolder(),
+            card=None if card is None else pathlib.Path(card),
+        )
         return model.card.id
 
     def fetch(self, url: str, sha256=None, progress=None, cancel=None) -> str:
