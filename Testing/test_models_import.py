@@ -239,3 +239,29 @@ def test_a_deepmri_folder_is_copied_into_the_cache_under_a_new_id(tmp_path, stor
     assert model.card.weights == source.card.weights
     model.load_network()
     assert source.path.is_dir()  # the original stays where it was
+
+
+def test_an_imported_model_segments_like_the_native_one_through_the_segment_task(
+    tmp_path, oblique_image
+):
+    import SimpleITK as sitk
+    from deepmri.tasks.segment import segment
+    from models_fixtures import make_model
+
+    native = make_model(tmp_path / "extra" / "native-net", "native-net")
+    store = ModelStore(Settings(home=tmp_path / "home"), extra_paths=(tmp_path / "extra",))
+    scripted = tmp_path / "native.pt"
+    torch.jit.script(native.load_network()).save(str(scripted))
+    card = native.card.to_dict()
+    card.pop("weights")
+    store.import_model(scripted, card=card, model_id="scripted-net")
+    ours = segment(oblique_image, model="native-net", store=store, probabilities=True)
+    imported = segment(oblique_image, model="scripted-net", store=store, probabilities=True)
+    np_labels = [sitk.GetArrayFromImage(result.labels) for result in (ours, imported)]
+    assert (np_labels[0] == np_labels[1]).all() and np_labels[0].any()
+    for name, probability in ours.probabilities.items():
+        difference = sitk.GetArrayFromImage(probability) - sitk.GetArrayFromImage(
+            imported.probabilities[name]
+        )
+        assert abs(difference).max() < 1e-5
+    assert imported.model_id == "scripted-net"
