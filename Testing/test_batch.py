@@ -268,3 +268,36 @@ def test_long_summaries_list_only_the_cases_that_need_attention():
     assert "c7" in text and "c8 " not in text
     assert "49 done cases not listed" in text and text.endswith("49 done, 1 failed, 0 pending\n")
     assert "c49" in format_summary(rows, max_rows=100)
+
+
+def test_one_case_through_the_real_segment_task_with_a_model_from_an_extra_folder(
+    tmp_path, mni_t1, monkeypatch
+):
+    """The real segment task, engine and model store; the network is small and untrained."""
+    torch = pytest.importorskip("torch")
+    from deepmri.models import example_card, save_model
+    from deepmri.nets import build_network
+
+    torch.manual_seed(0)
+    card = example_card(id="batch-test-net")
+    network = build_network(card["architecture"]["name"], card["architecture"]["config"])
+    model = save_model(network, card, tmp_path / "models" / "batch-test-net", dtype="float32")
+    monkeypatch.setenv("DEEPMRI_MODEL_PATH", str(tmp_path / "models"))
+    scan = write_image(resample_to_spacing(mni_t1, [4.0, 4.0, 4.0]), tmp_path / "mni.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input,model\nmni,mni.nii.gz,batch-test-net\n")
+    output = tmp_path / "out"
+    command = ["batch", str(tmp_path / "cases.csv"), "-o", str(output), "--device", "cpu"]
+    assert main([*command, "--probabilities"]) == 0
+    row = _summary(output / "summary.csv")["mni"]
+    assert (row["status"], row["model"]) == ("done", "batch-test-net")
+    assert float(row["Foreground (mL)"]) >= 0.0
+    input_image = sitk.ReadImage(str(scan))
+    for name in ("labels.nii.gz", "probability-foreground.nii.gz"):
+        written = sitk.ReadImage(str(output / "mni" / name))
+        assert same_geometry(written, input_image, tolerance=1e-5), name
+    probability = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(output / "mni" / "probability-foreground.nii.gz"))
+    )
+    assert 0.0 <= probability.min() and probability.max() <= 1.0
+    marker = json.loads((output / "mni" / DONE_MARKER).read_text())
+    assert marker["provenance"]["models"][0]["sha256"] == model.card.weights["sha256"]
