@@ -55,11 +55,13 @@ def test_torchscript_import_runs_through_the_engine_like_the_original(tmp_path, 
         torch.testing.assert_close(engine(loaded, inputs), engine(network, inputs))
 
 
-def test_onnx_import_runs_through_the_engine_like_the_original(tmp_path, store):
+@pytest.mark.parametrize("dynamic_batch", [True, False], ids=["dynamic-batch", "batch-of-1"])
+def test_onnx_import_runs_through_the_engine_like_the_original(tmp_path, store, dynamic_batch):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     network = tiny_unet(seed=1)
     exported = tmp_path / "unet.onnx"
+    axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with torch.no_grad():
         torch.onnx.export(
             network,
@@ -67,7 +69,7 @@ def test_onnx_import_runs_through_the_engine_like_the_original(tmp_path, store):
             str(exported),
             input_names=["image"],
             output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            dynamic_axes=axes,
             dynamo=False,
         )
     model = store.import_model(exported, card=imported_card("onnx-unet"))
@@ -187,6 +189,21 @@ def test_monai_bundle_that_would_run_code_is_refused(tmp_path, store, changes, r
         store.import_model(bundle)
     assert list(store.cache.iterdir()) == []
     assert not (tmp_path / "owned").exists()
+
+
+def test_a_zipped_monai_bundle_imports_like_the_folder(tmp_path, store):
+    import shutil
+
+    network = tiny_unet(seed=6)
+    bundle = write_bundle(tmp_path / "zipped" / "lesion_bundle", network)
+    archive = shutil.make_archive(str(tmp_path / "lesion_bundle"), "zip", tmp_path / "zipped")
+    assert detect_format(archive) == "monai-bundle"
+    model = store.import_model(archive)
+    assert model.card.id == "test-bundle-unet" and bundle.is_dir()
+    inputs = volume()
+    with torch.no_grad():
+        expected = engine(network, inputs.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
+        torch.testing.assert_close(engine(model.load_network(), inputs), expected)
 
 
 def test_a_network_file_without_a_card_gets_a_draft_to_complete(tmp_path, store):

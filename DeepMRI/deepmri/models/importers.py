@@ -453,7 +453,7 @@ def _refuse_code(parser: Any, key: str, model_id: str, seen: set[str]) -> None:
 def _fill_from_bundle(card: dict[str, Any], source: Path) -> None:
     """Read labels, channels, spacing, orientation, normalisation and patch from a bundle."""
     meta_path = source / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    meta = _read_config(meta_path) if meta_path.is_file() else {}
     card["id"] = _id_from_name(Path(str(meta.get("name") or source.name)))
     card["version"] = str(meta.get("version", card["version"]))
     card["description"] = str(meta.get("description") or card["description"])
@@ -486,11 +486,7 @@ def _fill_from_bundle(card: dict[str, Any], source: Path) -> None:
     if labels:
         card["labels"] = labels
     config_path = _bundle_config(source)
-    settings = (
-        _scan_transforms(json.loads(config_path.read_text(encoding="utf-8")))
-        if (config_path is not None and config_path.suffix == ".json")
-        else {}
-    )
+    settings = _scan_transforms(_read_config(config_path)) if config_path is not None else {}
     if "pixdim" in settings:
         card["preprocessing"]["spacing"] = settings["pixdim"]
     if "axcodes" in settings:
@@ -502,6 +498,17 @@ def _fill_from_bundle(card: dict[str, Any], source: Path) -> None:
         card["inference"]["patch_size"] = list(reversed(settings["roi_size"]))  # to (z, y, x)
     if "overlap" in settings:
         card["inference"]["overlap"] = settings["overlap"]
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A bundle's JSON/YAML file as MONAI reads it, or {} when it cannot be read (draft only)."""
+    from monai.bundle import ConfigParser
+
+    try:
+        content = ConfigParser.load_config_file(str(path))
+    except Exception:  # bad JSON, YAML without PyYAML...: the card then asks for the fields
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
 def _first_line(path: Path) -> str:
