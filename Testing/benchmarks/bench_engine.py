@@ -1,21 +1,30 @@
 """Speed, peak memory and agreement of deepmri.engine against MONAI's sliding_window_inference.
 
-One MONAI 3D UNet (fixed seed), the MNI152 T1 at its own 1 mm grid (197x233x189), ROI 96^3,
-overlap 0.5, Gaussian blending, fp32 on the CPU, all runs in this one process. Times four runs:
-MONAI at sw_batch_size=1 (its default), MONAI at its best tile batch of 1/2/4/8, the engine at
-exactly that best setting, and the engine at its own defaults. Last line: the speedup ratio.
+One MONAI 3D UNet (fixed seed, eval mode), the MNI152 T1 at its own 1 mm grid (197x233x189,
+normalised to 0..1 float32), ROI 96^3, overlap 0.5, Gaussian blending, fp32, all in one process.
+Four runs are timed: MONAI at sw_batch_size=1 (its default), MONAI at its best tile batch of
+1/2/4/8, the engine at exactly MONAI's best settings, and the engine at its own defaults.
 
-    python Testing/benchmarks/bench_engine.py [--repeats 3] [--threads N]
+    python Testing/benchmarks/bench_engine.py [--repeats 3] [--threads 2] [--budget 700]
+    python Testing/benchmarks/bench_engine.py --device cuda [--precision fp16]
 
-Schedule: round 1 sweeps MONAI over the tile batches and picks the fastest; every round then runs
-the four configurations back to back, so load from other processes on a shared machine falls on
-all of them alike. Times are medians over rounds (each run is listed, to show the spread).
+Schedule: round 1 runs MONAI at every tile batch (the sweep that picks MONAI's best), then the
+two engine runs; every later round runs the four configurations back to back (A B C D), so load
+from other processes on a shared machine falls on all of them alike. Times are medians over the
+rounds; every run is listed to show the spread. A new round starts only if the previous round's
+duration still fits in --budget seconds, so the run count is printed, never assumed.
 
-Peak memory: for each run, the process's resident set (RSS) high-water mark is reset just before
+Peak memory (CPU): for each run the process's resident-set high-water mark is reset just before
 the call (Linux /proc/self/clear_refs, "5") and read from VmHWM just after, minus the RSS at the
-start; the kernel keeps that mark, so no short-lived peak is missed as with sampling. To make the
-start RSS clean, malloc's dynamic mmap threshold is pinned (every tensor-sized block is its own
-mapping, returned to the system when freed) and malloc_trim(0) runs before each call.
+start. The kernel keeps that mark, so no short-lived peak is missed as it can be with sampling,
+and no child process is needed. malloc's mmap threshold is pinned (tensor-sized blocks are their
+own mappings, returned to the system when freed) and malloc_trim(0) runs before each call so the
+start RSS is clean. On CUDA: torch.cuda peak allocated bytes minus those allocated at the start.
+
+Precision: by default every row is fp32 except "engine defaults", which keeps the engine's own
+policy ("auto": fp32 on the CPU, bf16/fp16 autocast on CUDA). --precision fp16 (or bf16) sets it
+for every engine row, and the MONAI rows run under torch.autocast with the same dtype, so that
+"equal settings" stays equal.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,17 +69,22 @@ def benchmark_network() -> torch.nn.Module:
 
 
 def mni152_input() -> torch.Tensor:
-    """The MNI152 T1 as a (1, 1, z, y, x) float32 tensor, normalised as the segmentation task does."""
+    """The MNI152 T1 as a (1, 1, z, y, x) float32 tensor in 0..1, as the segmentation task does."""
     array = sitk.GetArrayFromImage(load_mni152())
     return torch.from_numpy(normalize_percentile(array))[None, None].contiguous()
 
 
 class PeakMemory:
-    """Peak RSS growth of this process during one call, from the kernel's high-water mark."""
+    """Peak memory growth during one call: kernel RSS high-water mark, or CUDA peak allocated."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            return
         if not Path("/proc/self/clear_refs").exists():
-            sys.exit("This benchmark measures peak memory through Linux /proc; run it on Linux.")
+            sys.exit(
+                "This benchmark measures CPU peak memory through Linux /proc; run it on Linux."
+            )
         self.libc = ctypes.CDLL("libc.so.6")
         self.libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
@@ -81,20 +96,32 @@ class PeakMemory:
         raise RuntimeError(f"{key} missing from /proc/self/status")
 
     def measure(self, call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
-        """Run `call`; return its output, wall seconds and peak RSS growth in MiB."""
+        """Run `call`; return its output, wall seconds and peak memory growth in MiB."""
         gc.collect()
-        self.libc.malloc_trim(0)
-        start_kib = self._status_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.libc.malloc_trim(0)
+            start = self._status_kib("VmRSS") * 1024
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         began = time.perf_counter()
         output = call()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - began
-        peak_kib = self._status_kib("VmHWM")
-        return output, seconds, (peak_kib - start_kib) / 1024
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = self._status_kib("VmHWM") * 1024
+        return output, seconds, (peak - start) / 2**20
 
 
 @dataclass
 class Configuration:
+    """One benchmarked configuration, with every run's time, peak and disagreement."""
+
     name: str
     tile_batch: int | str
     call: Callable[[], torch.Tensor]
@@ -106,29 +133,59 @@ class Configuration:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def peak(self) -> float:
+        return max(self.peaks_mib)
 
-def monai_call(network: torch.nn.Module, volume: torch.Tensor, tile_batch: int):
+
+def autocast_context(device: torch.device, precision: str):
+    """MONAI rows run under the same autocast as the engine's rows (none for fp32)."""
+    dtype = engine.autocast_dtype(device, precision)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def monai_call(
+    network: torch.nn.Module,
+    volume: torch.Tensor,
+    tile_batch: int,
+    device: torch.device,
+    precision: str,
+) -> Callable[[], torch.Tensor]:
+    """MONAI as its documentation shows it: input on the device, torch.no_grad, gaussian mode."""
+    on_device = volume.to(device)
+
     def call() -> torch.Tensor:
-        with torch.no_grad():
-            return sliding_window_inference(
-                volume, ROI, tile_batch, network, overlap=OVERLAP, mode="gaussian"
+        with torch.no_grad(), autocast_context(device, precision):
+            output = sliding_window_inference(
+                on_device, ROI, tile_batch, network, overlap=OVERLAP, mode="gaussian"
             )
+        return output.float().cpu()  # the engine also hands back float32 on the CPU
 
     return call
 
 
-def engine_call(network: torch.nn.Module, volume: torch.Tensor, tile_batch: int | None, seen: list):
+def engine_call(
+    network: torch.nn.Module,
+    volume: torch.Tensor,
+    tile_batch: int | None,
+    device: torch.device,
+    precision: str | None,
+    seen: list[int],
+) -> Callable[[], torch.Tensor]:
+    """The engine at a given tile batch, or at its own defaults (tile_batch None)."""
+
     def call() -> torch.Tensor:
-        if tile_batch is None:  # the engine's own defaults (precision "auto" is fp32 on the CPU)
-            result = engine.infer(network, volume, ROI, overlap=OVERLAP, device="cpu")
+        if tile_batch is None:  # its own defaults; precision only when asked for (--precision)
+            extra = {} if precision is None else {"precision": precision}
+            result = engine.infer(network, volume, ROI, overlap=OVERLAP, device=device, **extra)
         else:
             result = engine.infer(
                 network,
                 volume,
                 ROI,
                 overlap=OVERLAP,
-                device="cpu",
-                precision="fp32",
+                device=device,
+                precision=precision,
                 sw_batch_size=tile_batch,
             )
         seen.append(result.tile_batch)
@@ -140,6 +197,7 @@ def engine_call(network: torch.nn.Module, volume: torch.Tensor, tile_batch: int 
 def run(
     config: Configuration, meter: PeakMemory, references: dict[str, torch.Tensor]
 ) -> torch.Tensor:
+    """Time one run of `config` and compare its output with each reference."""
     output, seconds, peak = meter.measure(config.call)
     config.seconds.append(seconds)
     config.peaks_mib.append(peak)
@@ -153,34 +211,76 @@ def run(
     return output
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; times are medians (3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (its default)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser.add_argument("--repeats", type=int, default=3, help="most rounds; medians (3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=("fp32", "fp16", "bf16"),
+        help="precision of every row (MONAI rows by autocast); unset: fp32, engine defaults row auto",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=700.0,
+        help="seconds: no new round starts if the last one would not fit (700)",
+    )
+    return parser.parse_args(argv)
+
+
+def warm_up(network: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """First-call set-up (thread pool, kernels, cuDNN plans) outside the timings."""
+    with torch.no_grad(), autocast_context(device, precision):
+        for batch in (1, 2):
+            network(torch.zeros(batch, 1, *ROI, device=device))
+
+
+def print_table(configs: list[Configuration], references: dict[str, torch.Tensor]) -> None:
+    print(
+        "| run | tile batch | median s | runs s | peak MiB | max abs diff vs MONAI defaults / best |"
+    )
+    print("|---|---|---|---|---|---|")
+    for config in configs:
+        runs = " ".join(f"{s:.1f}" for s in config.seconds)
+        diffs = " / ".join(
+            f"{config.differences[k]:.1e}" if k in config.differences else "-" for k in references
+        )
+        print(
+            f"| {config.name} | {config.tile_batch} | {config.median:.1f} | {runs} | "
+            f"{config.peak:.0f} | {diffs} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    precision = args.precision or "fp32"
+    torch.set_num_threads(args.threads)
+    device = engine.select_device(args.device)
     began = time.perf_counter()
-    meter = PeakMemory()
-    network = benchmark_network()
+    meter = PeakMemory(device)
+    network = benchmark_network().to(device)
     volume = mni152_input()
     windows = engine.count_windows(volume.shape[2:], ROI, OVERLAP)
     print(
         f"MNI152 T1 {tuple(volume.shape[2:])} (z, y, x), ROI {ROI}, overlap {OVERLAP}, gaussian, "
-        f"{windows} tiles; MONAI UNet 16-256, fp32, {engine.describe_device('cpu')}; "
+        f"{windows} tiles; MONAI UNet 16-256, {args.precision or 'fp32 (engine defaults: auto)'}, "
+        f"{engine.describe_device(device)}; "
         f"torch {torch.__version__}",
         flush=True,
     )
-    with torch.no_grad():  # first-call set-up (thread pool, kernels) outside the timings
-        for batch in (1, 2):
-            network(torch.zeros(batch, 1, *ROI))
+    warm_up(network, device, precision)
 
     monai = {
-        b: Configuration(f"MONAI sw_batch_size={b}", b, monai_call(network, volume, b))
+        b: Configuration(
+            f"MONAI sw_batch_size={b}", b, monai_call(network, volume, b, device, precision)
+        )
         for b in TILE_BATCHES
     }
-    references: dict[str, torch.Tensor] = {}
-    print("round 1: MONAI tile-batch sweep", flush=True)
+    print("round 1: MONAI tile-batch sweep, then the engine", flush=True)
+    round_began = time.perf_counter()
     outputs = {b: run(monai[b], meter, {}) for b in TILE_BATCHES}
     for b in TILE_BATCHES[1:]:  # MONAI itself differs slightly by tile batch (other conv kernels)
         monai[b].differences["MONAI defaults"] = (outputs[b] - outputs[1]).abs().max().item()
@@ -188,48 +288,53 @@ def main(argv: list[str] | None = None) -> int:
     references = {"MONAI defaults": outputs[1], "MONAI best": outputs[best]}
     del outputs
     defaults_seen: list[int] = []
-    equal = Configuration("engine at MONAI's best", best, engine_call(network, volume, best, []))
-    own = Configuration(
-        "engine defaults", "auto", engine_call(network, volume, None, defaults_seen)
+    equal = Configuration(
+        "engine at MONAI's best",
+        best,
+        engine_call(network, volume, best, device, precision, []),
     )
-    for round_number in range(1, args.repeats + 1):
-        if round_number > 1:
-            print(f"round {round_number}", flush=True)
-            for config in (monai[1], monai[best]) if best != 1 else (monai[1],):
-                run(config, meter, {})
-        for config in (equal, own):
-            run(config, meter, references)
-        own.tile_batch = defaults_seen[-1]
+    own = Configuration(
+        "engine defaults",
+        "auto",
+        engine_call(network, volume, None, device, args.precision, defaults_seen),
+    )
+    for config in (equal, own):
+        run(config, meter, references)
+    own.tile_batch = defaults_seen[-1]
+    rounds = 1
+    round_seconds = time.perf_counter() - round_began
+    schedule = [monai[1], monai[best], equal, own] if best != 1 else [monai[1], equal, own]
+    while rounds < args.repeats:
+        elapsed = time.perf_counter() - began
+        if elapsed + round_seconds > args.budget:
+            print(
+                f"stopping after {rounds} round(s): another would pass --budget {args.budget:.0f} s"
+            )
+            break
+        rounds += 1
+        print(f"round {rounds}: {' / '.join(c.name for c in schedule)}", flush=True)
+        round_began = time.perf_counter()
+        for config in schedule:
+            run(config, meter, references if config in (equal, own) else {})
+        round_seconds = time.perf_counter() - round_began
 
     print()
     print(
-        f"Medians of {args.repeats} runs ({torch.get_num_threads()} torch threads, shared machine)"
+        f"Medians of {rounds} round(s), {torch.get_num_threads()} torch threads, "
+        f"{engine.describe_device(device)}"
     )
     print()
-    print(
-        "| run | tile batch | median s | runs s | peak MiB | max abs diff vs MONAI defaults / best |"
-    )
-    print("|---|---|---|---|---|---|")
-    for config in [*monai.values(), equal, own]:
-        runs = " ".join(f"{s:.1f}" for s in config.seconds)
-        diffs = " / ".join(
-            f"{config.differences[k]:.1e}" if k in config.differences else "-" for k in references
-        )
-        print(
-            f"| {config.name} | {config.tile_batch} | {config.median:.1f} | {runs} | "
-            f"{max(config.peaks_mib):.0f} | {diffs} |"
-        )
+    print_table([*monai.values(), equal, own], references)
     worst = max(max(c.differences.values()) for c in (equal, own))
     print()
+    print(f"MONAI's best tile batch: {best} (fastest in round 1); engine default: {own.tile_batch}")
     print(
-        f"MONAI's best tile batch: {best} (fastest in round 1); engine default tile batch: {own.tile_batch}"
+        f"every engine output within {AGREEMENT_TOLERANCE:g} of MONAI's: "
+        f"{worst <= AGREEMENT_TOLERANCE} (max {worst:.1e})"
     )
     print(
-        f"every engine output within {AGREEMENT_TOLERANCE:g} of MONAI's: {worst <= AGREEMENT_TOLERANCE} (max {worst:.1e})"
-    )
-    print(
-        f"peak memory at equal settings: engine {max(equal.peaks_mib):.0f} MiB, "
-        f"MONAI {max(monai[best].peaks_mib):.0f} MiB"
+        f"peak memory at equal settings: engine {equal.peak:.0f} MiB, "
+        f"MONAI {monai[best].peak:.0f} MiB"
     )
     print(f"benchmark wall time: {time.perf_counter() - began:.0f} s")
     print(f"engine overhead at equal settings: {equal.median / monai[best].median:.2f}")
