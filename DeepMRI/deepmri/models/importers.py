@@ -317,9 +317,11 @@ def _stage_network_file(source: Path, folder: Path, fmt: str, data: dict[str, An
         weights = folder / "model.pt"
         shutil.copy2(source / "models" / "model.pt", weights)
         architecture = data.get("architecture") or {}
-        config_args = dict(architecture.get("config") or {})
-        config_args.setdefault("config_file", f"configs/{config.name}")
-        config_args.setdefault("network_def", "network_def")
+        given = (architecture.get("config") or {}) if architecture.get("name") == fmt else {}
+        config_args = {
+            "config_file": given.get("config_file", f"configs/{config.name}"),
+            "network_def": given.get("network_def", "network_def"),
+        }
         data["architecture"] = {"name": "monai-bundle", "config": config_args}
         data.setdefault("input", {}).setdefault("axis_order", "xyz")
     else:
