@@ -191,6 +191,16 @@ def test_monai_bundle_that_would_run_code_is_refused(tmp_path, store, changes, r
     assert not (tmp_path / "owned").exists()
 
 
+def test_an_imported_bundle_whose_config_was_changed_is_refused(tmp_path, store):
+    model = store.import_model(write_bundle(tmp_path / "bundle", tiny_unet()))
+    config = model.path / "configs" / "inference.json"
+    content = json.loads(config.read_text())
+    content["network_def"]["channels"] = [8, 16]
+    config.write_text(json.dumps(content))
+    with pytest.raises(ModelError, match="inference.json was changed"):
+        store.get(model.card.id).load_network()
+
+
 def test_a_zipped_monai_bundle_imports_like_the_folder(tmp_path, store):
     import shutil
 

@@ -322,6 +322,7 @@ def _stage_network_file(source: Path, folder: Path, fmt: str, data: dict[str, An
             "config_file": given.get("config_file", f"configs/{config.name}"),
             "network_def": given.get("network_def", "network_def"),
         }
+        config_args["config_sha256"] = sha256_of(folder / config_args["config_file"])
         data["architecture"] = {"name": "monai-bundle", "config": config_args}
         data.setdefault("input", {}).setdefault("axis_order", "xyz")
     else:
@@ -392,7 +393,18 @@ def _load_bundle_network(model: Model) -> torch.nn.Module:
     from monai.bundle import ConfigParser
 
     config = model.card.architecture.get("config") or {}
-    config_file = model.path / config.get("config_file", "configs/inference.json")
+    config_file = (model.path / config.get("config_file", "configs/inference.json")).resolve()
+    if model.path.resolve() not in config_file.parents:
+        raise ModelError(
+            f"Model '{model.card.id}': card.json field 'architecture.config.config_file' must be "
+            f"a file inside the model folder, got {config.get('config_file')!r}."
+        )
+    expected = config.get("config_sha256")
+    if expected and config_file.is_file() and sha256_of(config_file) != expected:
+        raise ModelError(
+            f"Model '{model.card.id}': {config_file.name} was changed since the import (sha256 "
+            "differs from the card); it will not be used. Import the bundle again."
+        )
     key = config.get("network_def", "network_def")
     parser = ConfigParser()
     try:
@@ -408,7 +420,13 @@ def _load_bundle_network(model: Model) -> torch.nn.Module:
         raise ModelError(
             f"Model '{model.card.id}': MONAI cannot build '{key}' from {config_file.name} ({error})."
         ) from error
-    network.load_state_dict(_load_state_dict(model.weights_path, model.card.id))
+    try:
+        network.load_state_dict(_load_state_dict(model.weights_path, model.card.id))
+    except RuntimeError as error:
+        raise ModelError(
+            f"Model '{model.card.id}': models/model.pt does not fit '{key}' "
+            f"({str(error).splitlines()[0]})."
+        ) from error
     return network
 
 
