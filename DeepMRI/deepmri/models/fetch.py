@@ -174,11 +174,9 @@ def _transfer(
     with response:
         if have and response.status == 206:
             start = _range_start(response.headers.get("Content-Range", ""))
-            if start != have:
-                raise FetchError(
-                    f"Download of {url}: the server resumed at byte {start}, not {have}; delete "
-                    f"{partial} and fetch again."
-                )
+            if start != have:  # cannot append safely: drop the partial file, try again whole
+                partial.unlink()
+                raise _Retryable(f"the server resumed at byte {start}, not {have}")
             mode = "ab"
         else:
             have, mode = 0, "wb"  # the server ignored the Range, or its file changed: start over
