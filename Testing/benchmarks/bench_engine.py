@@ -12,7 +12,7 @@ Schedule: round 1 runs MONAI at every tile batch (the sweep that picks MONAI's b
 two engine runs; every later round runs the four configurations back to back (A B C D), so load
 from other processes on a shared machine falls on all of them alike. Times are medians over the
 rounds; every run is listed to show the spread. A new round starts only if the previous round's
-duration still fits in --budget seconds, so the run count is printed, never assumed.
+run times still fit in --budget seconds, so the run count is printed, never assumed.
 
 Peak memory (CPU): for each run the process's resident-set high-water mark is reset just before
 the call (Linux /proc/self/clear_refs, "5") and read from VmHWM just after, minus the RSS at the
@@ -280,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         for b in TILE_BATCHES
     }
     print("round 1: MONAI tile-batch sweep, then the engine", flush=True)
-    round_began = time.perf_counter()
     outputs = {b: run(monai[b], meter, {}) for b in TILE_BATCHES}
     for b in TILE_BATCHES[1:]:  # MONAI itself differs slightly by tile batch (other conv kernels)
         monai[b].differences["MONAI defaults"] = (outputs[b] - outputs[1]).abs().max().item()
@@ -302,10 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         run(config, meter, references)
     own.tile_batch = defaults_seen[-1]
     rounds = 1
-    round_seconds = time.perf_counter() - round_began
     schedule = [monai[1], monai[best], equal, own] if best != 1 else [monai[1], equal, own]
     while rounds < args.repeats:
         elapsed = time.perf_counter() - began
+        round_seconds = sum(config.seconds[-1] for config in schedule)  # the last round's runs
         if elapsed + round_seconds > args.budget:
             print(
                 f"stopping after {rounds} round(s): another would pass --budget {args.budget:.0f} s"
@@ -313,10 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         rounds += 1
         print(f"round {rounds}: {' / '.join(c.name for c in schedule)}", flush=True)
-        round_began = time.perf_counter()
         for config in schedule:
             run(config, meter, references if config in (equal, own) else {})
-        round_seconds = time.perf_counter() - round_began
 
     print()
     print(
