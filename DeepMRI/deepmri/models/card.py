@@ -52,7 +52,9 @@ def _positive_numbers(value: Any, count: int | None, field_name: str) -> list[fl
 
 def _colour(value: Any, field_name: str) -> list[float]:
     ok = isinstance(value, list | tuple) and len(value) == 3
-    ok = ok and all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in value)
+    ok = ok and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in value
+    )
     if not ok:
         raise _fail(field_name, "[r, g, b] with each value from 0 to 1", value)
     return [float(v) for v in value]
@@ -258,6 +260,14 @@ def _validate_input(data: Any) -> dict[str, Any]:
     return {**data, "contrasts": contrasts, "channels": channels}
 
 
+def _is_orientation(value: Any) -> bool:
+    """Three axis letters, one from each of the pairs R/L, A/P and S/I ('RAS', 'LPS', 'PIR'...)."""
+    if not isinstance(value, str) or len(value) != 3:
+        return False
+    pair_of = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    return sorted(pair_of.get(letter, -1) for letter in value.upper()) == [0, 1, 2]
+
+
 def _validate_preprocessing(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _fail("preprocessing", "an object with spacing and normalization", data)
@@ -265,12 +275,12 @@ def _validate_preprocessing(data: Any) -> dict[str, Any]:
         _require(data, "spacing", "preprocessing."), 3, "preprocessing.spacing"
     )
     orientation = data.get("orientation", "RAS")
-    if (
-        not isinstance(orientation, str)
-        or sorted(orientation.upper()) != sorted(set(orientation.upper()))
-        or len(orientation) != 3
-    ):
-        raise _fail("preprocessing.orientation", "three axis letters such as 'RAS'", orientation)
+    if not _is_orientation(orientation):
+        raise _fail(
+            "preprocessing.orientation",
+            "one letter of each pair R/L, A/P, S/I, e.g. 'RAS'",
+            orientation,
+        )
     normalization = data.get("normalization", {"method": "percentile"})
     if not isinstance(normalization, dict) or normalization.get("method") not in NORMALIZATIONS:
         raise _fail(
