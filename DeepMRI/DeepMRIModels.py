@@ -601,6 +601,7 @@ class DeepMRIModelsTest(ScriptedLoadableModuleTest):
             self.test_bundled_models_are_listed_with_their_cards,
             self.test_bundled_model_verifies,
             self.test_imported_torchscript_model_segments_mrhead_and_can_be_removed,
+            self.test_model_fetched_from_a_loopback_server_is_verified_and_listed,
             self.test_panel_shows_the_models_table,
         ):
             self.setUp()
@@ -652,6 +653,53 @@ class DeepMRIModelsTest(ScriptedLoadableModuleTest):
             logic.remove("selftest-imported-brain")
         self.assertNotIn("selftest-imported-brain", [row["id"] for row in logic.listModels()])
         self.delayDisplay("Imported model ran on MRHead and was removed")
+
+    def test_model_fetched_from_a_loopback_server_is_verified_and_listed(self):
+        import functools
+        import http.server
+        import json
+        import tempfile
+        import zipfile
+
+        from deepmri.models import sha256_of
+
+        logic = DeepMRIModelsLogic()
+        bundled = logic.store().get("brain-extraction")
+        with tempfile.TemporaryDirectory() as folder:
+            archive = pathlib.Path(folder) / "selftest-fetched-brain.zip"
+            card = bundled.card.to_dict()
+            card["id"] = "selftest-fetched-brain"
+            with zipfile.ZipFile(archive, "w") as bundle:
+                bundle.writestr("selftest-fetched-brain/card.json", json.dumps(card))
+                bundle.write(
+                    bundled.weights_path, f"selftest-fetched-brain/{bundled.weights_path.name}"
+                )
+            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            try:
+                url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+                events = []
+                call = BackgroundCall(
+                    lambda progress, cancel: logic.fetch(
+                        url, sha256_of(archive), progress=progress, cancel=cancel
+                    )
+                )
+                while not call.done:
+                    events.extend(call.poll())
+                    slicer.app.processEvents()
+                modelId = call.result()
+            finally:
+                server.shutdown()
+        try:
+            self.assertEqual(modelId, "selftest-fetched-brain")
+            self.assertTrue(events)
+            rows = {row["id"]: row for row in logic.listModels()}
+            self.assertEqual(rows[modelId]["source"], "cache")
+            self.assertIn("verified", logic.verify(modelId, device="cpu"))
+        finally:
+            logic.remove(modelId)
+        self.delayDisplay("Fetched model verified, listed and removed")
 
     def test_panel_shows_the_models_table(self):
         slicer.util.selectModule("DeepMRIModels")
