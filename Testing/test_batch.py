@@ -301,3 +301,9 @@ def test_one_case_through_the_real_segment_task_with_a_model_from_an_extra_folde
     assert 0.0 <= probability.min() and probability.max() <= 1.0
     marker = json.loads((output / "mni" / DONE_MARKER).read_text())
     assert marker["provenance"]["models"][0]["sha256"] == model.card.weights["sha256"]
+
+
+def test_batch_progress_only_moves_forward(cohort, tmp_path):
+    fractions: list[float] = []
+    run_batch(read_cases(cohort), TASK, tmp_path / "out", progress=lambda f, m: fractions.append(f))
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0

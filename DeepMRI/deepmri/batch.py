@@ -24,7 +24,13 @@ import SimpleITK as sitk
 
 from deepmri.errors import Cancelled, DeepMRIError
 from deepmri.io import read_image, write_image
-from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
+from deepmri.progress import (
+    CancelLike,
+    ProgressCallback,
+    check_cancel,
+    no_progress,
+    sub_progress,
+)
 
 DONE_MARKER = "done.json"
 FAILED_MARKER = "failed.json"
@@ -349,10 +355,11 @@ def run_case(
             model=case.model,
             device=device,
             options=dict(options or {}),
-            progress=report,
+            progress=sub_progress(report, 0.03, 0.97),
             cancel=cancel,
         )
         check_cancel(cancel)
+        report(0.98, "Writing the outputs")
         written = _write_outputs(output, folder)
         seconds = time.perf_counter() - started
         marker = {
