@@ -377,13 +377,16 @@ def _real_head() -> sitk.Image:
     return sitk.ReadImage(str(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"))
 
 
-def test_the_real_segment_task_runs_through_the_logic_with_a_real_model(scene, random_unet_model):
+def test_the_real_segment_task_runs_through_the_logic_with_a_real_model(
+    scene, random_unet_model, tmp_path
+):
     from functools import partial
 
     from deepmri.models import ModelStore
+    from deepmri.settings import Settings
     from deepmri.tasks.segment import segment
 
-    store = ModelStore(extra_paths=(random_unet_model,))
+    store = ModelStore(Settings(home=tmp_path / "home"), extra_paths=(random_unet_model,))
     image = _real_head()
     node = mrml.volume_node_from_image(image, scene, "anatomical")
     before = fingerprint(node)
@@ -411,6 +414,7 @@ def test_the_real_segment_task_runs_through_the_logic_with_a_real_model(scene, r
 
 def test_the_real_segment_task_runs_in_the_background_worker(scene, random_unet_model, tmp_path):
     from deepmri.models import ModelStore
+    from deepmri.settings import Settings
     from deepmri.tasks.segment import segment
 
     image = _real_head()
@@ -426,7 +430,7 @@ def test_the_real_segment_task_runs_in_the_background_worker(scene, random_unet_
     job.job.wait()
     outputs = job.finish()
     assert job.state == jobs.SUCCEEDED
-    store = ModelStore(extra_paths=(random_unet_model,))
+    store = ModelStore(Settings(home=tmp_path / "home"), extra_paths=(random_unet_model,))
     direct = segment(image, "test-random-unet", device="cpu", store=store)
     exported = mrml.labels_from_segmentation_node(outputs.segmentation, node)
     np.testing.assert_array_equal(
