@@ -60,10 +60,11 @@ def render(input_path: Path, labels_path: Path, card_path: Path, output: Path) -
     segmentation.CreateClosedSurfaceRepresentation()
     display = segmentation.GetDisplayNode()
     display.SetOpacity2DFill(0.45)
-    # Surfaces of nested tissue classes hide each other: show the outer one translucent.
-    for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):
+    # Surfaces of nested tissue classes hide each other: all but the innermost (last) translucent.
+    count = segmentation.GetSegmentation().GetNumberOfSegments()
+    for index in range(count):
         segment_id = segmentation.GetSegmentation().GetNthSegmentID(index)
-        display.SetSegmentOpacity3D(segment_id, 0.35 if index == 0 else 1.0)
+        display.SetSegmentOpacity3D(segment_id, 1.0 if index == count - 1 else 0.25)
     app.display_manager.show_volume_in_slice_background(volume)
     app.display_manager.reset_views()
     threed.renderer().GetActiveCamera().Elevation(25)
