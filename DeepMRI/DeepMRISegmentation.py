@@ -127,6 +127,7 @@ class DeepMRISegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.removeObservers()
 
     def enter(self) -> None:
+        self._populateModels()  # models imported in DeepMRI Models since the last visit
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -179,22 +180,31 @@ class DeepMRISegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic.showOverlay(parameters.overlayVolume, parameters.showOverlay)
 
     def _populateModels(self) -> None:
-        self.ui.modelComboBox.clear()
+        """Fill the model menu from the store; signals blocked so the saved choice is kept."""
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
         try:
-            models = self.logic.availableModels()
-        except Exception as error:  # the panel must open even when the model store cannot be read
-            logging.exception("DeepMRI: listing models failed")
-            self.ui.modelDescriptionLabel.text = _("Models could not be listed: {error}").format(
-                error=error
-            )
-            return
-        self._models = {model["id"]: model for model in models}
-        for model in models:
-            self.ui.modelComboBox.addItem(model["title"], model["id"])
-        if not models:
-            self.ui.modelDescriptionLabel.text = _(
-                "No segmentation model is installed. Add one in the DeepMRI Models module."
-            )
+            combo.clear()
+            try:
+                models = self.logic.availableModels()
+            except Exception as error:  # the panel must open even when the store cannot be read
+                logging.exception("DeepMRI: listing models failed")
+                self._models = {}
+                self.ui.modelDescriptionLabel.text = _(
+                    "Models could not be listed: {error}"
+                ).format(error=error)
+                return
+            self._models = {model["id"]: model for model in models}
+            for model in models:
+                combo.addItem(model["title"], model["id"])
+            if not models:
+                self.ui.modelDescriptionLabel.text = _(
+                    "No segmentation model is installed. Add one in the DeepMRI Models module."
+                )
+        finally:
+            combo.blockSignals(wasBlocked)
+        if self._parameterNode:
+            self._onParameterNodeModified()
 
     def onModelChosen(self, index: int) -> None:
         modelId = self.ui.modelComboBox.itemData(index)
