@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import statistics
 import sys
 import time
@@ -95,8 +96,8 @@ class PeakMemory:
                 return int(line.split()[1])
         raise RuntimeError(f"{key} missing from /proc/self/status")
 
-    def measure(self, call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
-        """Run `call`; return its output, wall seconds and peak memory growth in MiB."""
+    def measure(self, call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float, float]:
+        """Run `call`; return its output, wall and CPU seconds, and peak memory growth in MiB."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -106,16 +107,16 @@ class PeakMemory:
             self.libc.malloc_trim(0)
             start = self._status_kib("VmRSS") * 1024
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         output = call()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - began
+        seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - began_cpu
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             peak = self._status_kib("VmHWM") * 1024
-        return output, seconds, (peak - start) / 2**20
+        return output, seconds, cpu_seconds, (peak - start) / 2**20
 
 
 @dataclass
@@ -126,12 +127,17 @@ class Configuration:
     tile_batch: int | str
     call: Callable[[], torch.Tensor]
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     peaks_mib: list[float] = field(default_factory=list)
     differences: dict[str, float] = field(default_factory=dict)
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_seconds)
 
     @property
     def peak(self) -> float:
@@ -198,14 +204,15 @@ def run(
     config: Configuration, meter: PeakMemory, references: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """Time one run of `config` and compare its output with each reference."""
-    output, seconds, peak = meter.measure(config.call)
+    output, seconds, cpu_seconds, peak = meter.measure(config.call)
     config.seconds.append(seconds)
+    config.cpu_seconds.append(cpu_seconds)
     config.peaks_mib.append(peak)
     for name, reference in references.items():
         difference = (output - reference).abs().max().item()
         config.differences[name] = max(config.differences.get(name, 0.0), difference)
     print(
-        f"  {config.name} (tile batch {config.tile_batch}): {seconds:.1f} s, peak +{peak:.0f} MiB",
+        f"  {config.name} (tile batch {config.tile_batch}): {seconds:.1f} s ({cpu_seconds:.1f} s CPU), peak +{peak:.0f} MiB",
         flush=True,
     )
     return output
@@ -240,9 +247,10 @@ def warm_up(network: torch.nn.Module, device: torch.device, precision: str) -> N
 
 def print_table(configs: list[Configuration], references: dict[str, torch.Tensor]) -> None:
     print(
-        "| run | tile batch | median s | runs s | peak MiB | max abs diff vs MONAI defaults / best |"
+        "| run | tile batch | median s | runs s | median CPU s | peak MiB "
+        "| max abs diff vs MONAI defaults / best |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for config in configs:
         runs = " ".join(f"{s:.1f}" for s in config.seconds)
         diffs = " / ".join(
@@ -250,7 +258,7 @@ def print_table(configs: list[Configuration], references: dict[str, torch.Tensor
         )
         print(
             f"| {config.name} | {config.tile_batch} | {config.median:.1f} | {runs} | "
-            f"{config.peak:.0f} | {diffs} |"
+            f"{config.cpu_median:.1f} | {config.peak:.0f} | {diffs} |"
         )
 
 
@@ -333,7 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         f"peak memory at equal settings: engine {equal.peak:.0f} MiB, "
         f"MONAI {monai[best].peak:.0f} MiB"
     )
-    print(f"benchmark wall time: {time.perf_counter() - began:.0f} s")
+    print(  # this process's CPU seconds (all its threads): far less moved by other load
+        f"same ratios in CPU seconds: overhead {equal.cpu_median / monai[best].cpu_median:.2f}, "
+        f"speedup {monai[1].cpu_median / own.cpu_median:.2f}"
+    )
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"benchmark wall time: {time.perf_counter() - began:.0f} s; load average now: {load}")
     print(f"engine overhead at equal settings: {equal.median / monai[best].median:.2f}")
     print(f"speedup vs MONAI defaults: {monai[1].median / own.median:.2f}")
     return 0
