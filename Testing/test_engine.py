@@ -346,3 +346,20 @@ def test_progress_with_flips_rises_to_one_across_all_passes():
 
 def test_device_description_names_the_cpu_thread_count():
     assert engine.describe_device("cpu") == f"CPU ({torch.get_num_threads()} threads)"
+
+
+def test_progress_counts_the_tile_batches_of_a_multi_volume_batch():
+    # MONAI fills tile batches across the volumes of a batch: 2 x 27 windows in 2-tile batches
+    # is 27 forward passes, not 2 x ceil(27 / 2) = 28.
+    reports: list[tuple[float, str]] = []
+    result = engine.infer(
+        small_fully_convolutional_net(),
+        torch.rand(2, 1, 48, 48, 48),
+        roi_size=(24, 24, 24),
+        sw_batch_size=2,
+        device="cpu",
+        progress=lambda fraction, message: reports.append((fraction, message)),
+    )
+    assert result.prediction.shape == (2, 2, 48, 48, 48)
+    assert len(reports) == 27
+    assert reports[-1] == (pytest.approx(1.0), "Inference: tile batch 27 of 27")

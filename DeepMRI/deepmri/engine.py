@@ -19,8 +19,9 @@ from deepmri.errors import DeepMRIError, OutOfMemoryError
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-# Tiles per forward pass on the CPU: measured fastest of 1/2/4/8 for a 96^3 MONAI UNet on
-# 2 cores (Docs/benchmarks.md); larger batches only add memory there.
+# Tiles per forward pass on the CPU. For a 96^3 MONAI UNet on 2 cores, 4 tiles take 2.6x less CPU
+# per tile than 1 (PyTorch runs batched convolutions in oneDNN) and tie with 8, which only adds
+# memory (Docs/benchmarks.md).
 CPU_TILE_BATCH = 4
 # Accumulate the blended output on the CPU when it would take more than this share of free
 # device memory (the output and MONAI's weight map are both full-volume float32 tensors).
@@ -268,7 +269,8 @@ def _infer_on(
     amp_dtype = autocast_dtype(device, precision)
     passes = _flip_passes(flips)
     windows = count_windows(inputs.shape[2:], roi_size, overlap)
-    batches_per_pass = math.ceil(windows / tile_batch) * inputs.shape[0]
+    # MONAI groups the windows of all batch items together into tile batches.
+    batches_per_pass = math.ceil(windows * inputs.shape[0] / tile_batch)
     output_device = _output_device(device, inputs)
     mean = square_sum = None
     for index, flip in enumerate(passes):
