@@ -272,7 +272,7 @@ def _infer_on(
     # MONAI groups the windows of all batch items together into tile batches.
     batches_per_pass = math.ceil(windows * inputs.shape[0] / tile_batch)
     output_device = _output_device(device, inputs)
-    mean = square_sum = None
+    mean = spread = None
     for index, flip in enumerate(passes):
         label = "Inference" if not flip else f"Flipped pass {index} of {len(passes) - 1}"
         share = 1.0 / len(passes)
@@ -302,15 +302,21 @@ def _infer_on(
         output = output.float().cpu()
         if mean is None:
             mean = output
-            square_sum = output.square() if len(passes) > 1 else None
+            spread = torch.zeros_like(output) if len(passes) > 1 else None
         else:
-            mean += output
-            square_sum += output.square()
+            _add_to_running_spread(mean, spread, output, count=index + 1)
         del output
     check_cancel(cancel)
-    uncertainty = None
-    if len(passes) > 1:
-        mean /= len(passes)
-        variance = (square_sum / len(passes) - mean.square()).clamp_min(0.0)
-        uncertainty = variance.sqrt()
+    uncertainty = spread.div_(len(passes)).sqrt_() if spread is not None else None
     return InferenceResult(mean, uncertainty, device=str(device), tile_batch=tile_batch)
+
+
+def _add_to_running_spread(
+    mean: torch.Tensor, spread: torch.Tensor, output: torch.Tensor, count: int
+) -> None:
+    """Welford's update, in place: `mean` of the `count` passes so far and `spread`, their summed
+    squared deviations. Unlike mean(x^2) - mean(x)^2 it does not cancel catastrophically in
+    float32, so passes that agree give an uncertainty of ~1e-7, not ~1e-4."""
+    delta = output - mean
+    mean.add_(delta, alpha=1.0 / count)
+    spread.addcmul_(delta, output.sub_(mean))
