@@ -203,10 +203,10 @@ def infer(
     """Tiled inference with Gaussian blending on the best device, recovering from out-of-memory.
 
     `flips` lists extra passes on mirrored inputs, each a tuple of dims of the (B, C, *spatial)
-    tensor (e.g. `[(2,), (3,), (4,)]`); the prediction is their mean and `uncertainty` their
-    per-voxel standard deviation. `postprocess` (e.g. softmax) is applied to each tile batch
-    before blending. On out-of-memory the tile batch is halved, then the CPU is used, and the
-    progress message says so.
+    tensor (e.g. `[(2,), (3,), (4,)]`); the prediction is the mean of all passes and
+    `uncertainty` their per-voxel standard deviation (dividing by the number of passes).
+    `postprocess` (e.g. softmax) is applied to each tile batch before blending. On out-of-memory
+    the tile batch is halved, then the CPU is used, and the progress message says so.
 
     Examples:
         >>> from monai.networks.nets import UNet
@@ -214,6 +214,20 @@ def infer(
         >>> result = infer(net, torch.rand(1, 1, 40, 40, 40), roi_size=(32, 32, 32), device="cpu")
         >>> tuple(result.prediction.shape)
         (1, 2, 40, 40, 40)
+
+        Mirrored left-right pass, softmax per tile, and a progress callback:
+
+        >>> result = infer(
+        ...     net,
+        ...     torch.rand(1, 1, 40, 40, 40),
+        ...     (32, 32, 32),
+        ...     device="cpu",
+        ...     flips=[(4,)],
+        ...     postprocess=lambda logits: torch.softmax(logits, dim=1),
+        ...     progress=lambda fraction, message: None,
+        ... )
+        >>> result.uncertainty.shape == result.prediction.shape
+        True
     """
     progress = progress or no_progress
     torch_device = select_device(device)
