@@ -118,7 +118,7 @@ def sample_parameters(
         rotation_deg=rng.uniform(-rotation_limit, rotation_limit, 3).tolist(),
         scaling=np.exp(rng.normal(0.0, 0.07, 3)).tolist(),
         shear=rng.uniform(-0.05, 0.05, 3).tolist(),
-        translation_mm=rng.uniform(-20.0, 20.0, 3).tolist(),
+        translation_mm=(rng.uniform(-1.0, 1.0, 3) * _shift_range(task)).tolist(),
         deformation_mm=float(rng.uniform(0.0, 4.0)),
         means=means.tolist(),
         stds=stds.tolist(),
@@ -134,6 +134,13 @@ def sample_parameters(
     )
 
 
+def _shift_range(task: str) -> np.ndarray:
+    """Translation limits (z, y, x) in mm: whole heads move a little; tissue patches roam the brain."""
+    if task == BRAIN_TISSUE:
+        return np.array([50.0, 65.0, 55.0])
+    return np.array([20.0, 20.0, 20.0])
+
+
 def generate(
     params: GeneratorParameters, sources: dict[str, LabelSource], grid: GridSpec
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +151,7 @@ def generate(
     source = sources[params.source]
     rng = np.random.default_rng([params.seed, 1])
     sampling = _sampling_grid(params, source, grid, rng)
-    labels = _warp(source.labels[None].astype(np.float32), sampling, "nearest")[0]
+    labels = _warp(_float_labels(source), sampling, "nearest")[0]
     labels = labels.round().astype(np.uint8)
     if params.task == BRAIN_EXTRACTION:
         image, target = _brain_extraction_image(params, source, sampling, labels, grid, rng)
@@ -294,10 +301,28 @@ def _sampling_grid(params, source: LabelSource, grid: GridSpec, rng) -> torch.Te
     return sampling.reshape(1, *shape, 3)
 
 
+_CACHE: dict[tuple[int, str], Any] = {}
+
+
+def _cached(source: LabelSource, key: str, compute) -> Any:
+    """Per-source derived arrays, computed once per process (sources are read-only)."""
+    entry = (id(source), key)
+    if entry not in _CACHE:
+        _CACHE[entry] = compute()
+    return _CACHE[entry]
+
+
+def _float_labels(source: LabelSource) -> np.ndarray:
+    return _cached(source, "labels", lambda: source.labels[None].astype(np.float32))
+
+
 def _brain_centre_mm(source: LabelSource) -> np.ndarray:
-    index = np.argwhere(np.isin(source.labels, BRAIN_LABELS))
-    centre = (index.min(0) + index.max(0)) / 2.0
-    return centre * np.asarray(source.grid.GetSpacing())[::-1]
+    def compute() -> np.ndarray:
+        index = np.argwhere(np.isin(source.labels, BRAIN_LABELS))
+        centre = (index.min(0) + index.max(0)) / 2.0
+        return centre * np.asarray(source.grid.GetSpacing())[::-1]
+
+    return _cached(source, "centre", compute)
 
 
 def _affine_matrix(params: GeneratorParameters) -> np.ndarray:
