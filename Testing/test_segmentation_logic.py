@@ -236,16 +236,16 @@ def _bundled_models() -> set[str]:
         return set()
 
 
-@pytest.mark.skipif(
-    "brain-extraction" not in _bundled_models(), reason="no bundled brain-extraction model yet"
-)
-def test_real_brain_extraction_model_through_the_logic(scene):
+@pytest.mark.parametrize("model", ["brain-extraction", "brain-tissue"])
+def test_bundled_models_through_the_logic_give_the_cores_result(scene, model):
+    if not {model, "brain-extraction"} <= _bundled_models():
+        pytest.skip(f"the bundled {model} model is not installed yet")
     from deepmri.tasks.segment import segment
 
     image = _real_head()
     node = mrml.volume_node_from_image(image, scene, "anatomical")
     before = fingerprint(node)
-    outputs = SegmentationLogic(scene).run(node, "brain-extraction", device="cpu")
+    outputs = SegmentationLogic(scene).run(node, model, device="cpu")
     assert fingerprint(node) == before
     segmentation = outputs.segmentation.GetSegmentation()
     card_names = [label["name"] for label in outputs.result.label_info]
@@ -253,7 +253,7 @@ def test_real_brain_extraction_model_through_the_logic(scene):
         segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
     ] == card_names
     labels = mrml.labels_from_segmentation_node(outputs.segmentation, node)
-    direct = segment(image, "brain-extraction", device="cpu")
+    direct = segment(image, model, device="cpu")
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(direct.labels)
     )
