@@ -19,9 +19,10 @@ from deepmri.errors import DeepMRIError, OutOfMemoryError
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-# Tiles per forward pass on the CPU. For a 96^3 MONAI UNet on 2 cores, 4 tiles take 2.6x less CPU
-# per tile than 1 (PyTorch runs batched convolutions in oneDNN) and tie with 8, which only adds
-# memory (Docs/benchmarks.md).
+# Tiles per forward pass on the CPU. For a 96^3 MONAI UNet on 2 cores, 4 tiles need 1.7x less CPU
+# time per volume than 1 (PyTorch runs batched convolutions in oneDNN); 8 save another ~12% for
+# 1.7x the memory, too much of a risk where running out of memory kills the process
+# (Docs/benchmarks.md).
 CPU_TILE_BATCH = 4
 # Accumulate the blended output on the CPU when it would take more than this share of free
 # device memory (the output and MONAI's weight map are both full-volume float32 tensors).
