@@ -5,7 +5,7 @@ normalised to 0..1 float32), ROI 96^3, overlap 0.5, Gaussian blending, fp32, all
 Four runs are timed: MONAI at sw_batch_size=1 (its default), MONAI at its best tile batch of
 1/2/4/8, the engine at exactly MONAI's best settings, and the engine at its own defaults.
 
-    python Testing/benchmarks/bench_engine.py [--repeats 3] [--threads 2] [--budget 700]
+    python Testing/benchmarks/bench_engine.py [--repeats 3] [--threads 2] [--budget 660]
     python Testing/benchmarks/bench_engine.py --device cuda [--precision fp16]
 
 Schedule: round 1 runs MONAI at every tile batch (the sweep that picks MONAI's best), then the
@@ -232,8 +232,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget",
         type=float,
-        default=700.0,
-        help="seconds: no new round starts if the last one would not fit (700)",
+        default=660.0,
+        help="seconds: no new round starts if the last one would not fit (660)",
     )
     return parser.parse_args(argv)
 
