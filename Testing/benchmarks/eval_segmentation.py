@@ -222,6 +222,43 @@ def measure_speed(device: str | None, results: dict[str, float]) -> None:
     )
 
 
+DATASETS = {
+    "brain_dice_colin27": "Colin27 ch2 (held out) vs filled ch2bet mask",
+    "brain_dice_colin27_moved": "Colin27 rotated 15 deg and shifted 20 mm (held out)",
+    "brain_dice_colin27_t2like": "Colin27 with inverted, T2-like contrast (held out)",
+    "brain_dice_colin27_thick": "Colin27 as 1x1x5 mm thick slices (held out)",
+    "csf_dice": "MNI152 with held-out deformation + contrast seed (training anatomy)",
+    "gm_dice": "MNI152 with held-out deformation + contrast seed (training anatomy)",
+    "wm_dice": "MNI152 with held-out deformation + contrast seed (training anatomy)",
+    "gm_dice_t2like": "MNI152, held-out deformation seed, T2-like (training anatomy)",
+    "wm_dice_t2like": "MNI152, held-out deformation seed, T2-like (training anatomy)",
+    "gm_dice_thick": "MNI152, held-out seeds, 1x1x3 mm thick slices (training anatomy)",
+    "wm_dice_thick": "MNI152, held-out seeds, 1x1x3 mm thick slices (training anatomy)",
+}
+COMMAND = "python Testing/benchmarks/eval_segmentation.py --write-docs Docs/evaluation-segmentation.md --update-cards"
+
+
+def update_cards(results: dict[str, float]) -> None:
+    """Write the held-out figures into the bundled models' cards (metrics are not hashed)."""
+    from deepmri.models import ModelStore
+
+    store = ModelStore()
+    for model_id, prefix in ((BRAIN_EXTRACTION, "brain_"), (BRAIN_TISSUE, ("csf_", "gm_", "wm_"))):
+        model = store.get(model_id)
+        model.card.metrics = [
+            {
+                "name": key,
+                "value": round(value, 4),
+                "baseline": round(results[f"baseline_{key}"], 4),
+                "dataset": DATASETS[key],
+                "command": COMMAND,
+            }
+            for key, value in results.items()
+            if key.startswith(prefix)
+        ]
+        model.card.save(model.path)
+
+
 def markdown_table(results: dict[str, float], command: str) -> str:
     rows = [
         "| figure | model | baseline |",
@@ -241,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write-docs", type=Path, default=None, help="markdown file to write")
+    parser.add_argument(
+        "--update-cards", action="store_true", help="write the figures into the bundled cards"
+    )
     arguments = parser.parse_args(argv)
     if not data.colin27_available():
         print("Colin27 is missing: apt-get install -y mricron-data", file=sys.stderr)
@@ -251,10 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate_tissue(arguments.device, results)
     measure_speed(arguments.device, results)
     if arguments.write_docs:
-        command = "python Testing/benchmarks/eval_segmentation.py --write-docs " + str(
-            arguments.write_docs
-        )
-        arguments.write_docs.write_text(markdown_table(results, command))
+        arguments.write_docs.write_text(markdown_table(results, COMMAND))
+    if arguments.update_cards:
+        update_cards(results)
     print(json.dumps({key: round(value, 4) for key, value in results.items()}))
     return 0
 
