@@ -43,4 +43,5 @@ def run(arguments: argparse.Namespace) -> int:
     for name, path in files.items():
         print(f"  {name:8s} {Path(path).resolve()}")
     print(json.dumps({k: round(v, 1) for k, v in result.volumes_ml().items()}))
+    print("How far to trust these labels: Docs/evaluation-segmentation.md and the model cards.")
     return 0
