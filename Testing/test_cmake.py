@@ -154,8 +154,9 @@ def test_metadata_is_complete_and_the_index_entry_agrees(calls):
     assert "PyTorch" in entry["build_dependencies"]
     assert entry["category"] == metadata["EXTENSION_CATEGORY"]
     assert metadata["EXTENSION_HOMEPAGE"].startswith(entry["scm_url"])
-    icon = metadata["EXTENSION_ICONURL"].rsplit("/raw/main/", 1)[1]
-    assert (ROOT / icon).is_file()
+    for url in [metadata["EXTENSION_ICONURL"], *metadata["EXTENSION_SCREENSHOTURLS"].split()]:
+        assert url.startswith(entry["scm_url"] + "/raw/main/"), url
+        assert (ROOT / url.split("/raw/main/", 1)[1]).is_file(), f"{url} names no file here"
 
 
 def test_dependency_pins_are_installed_where_deps_looks_for_them(build, tmp_path):
