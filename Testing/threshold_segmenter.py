@@ -6,13 +6,11 @@ so Slicer-side logic and the worker can be tested before, and independently of, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 import SimpleITK as sitk
 from deepmri.errors import InvalidImageError
 from deepmri.progress import check_cancel, no_progress
+from deepmri.results import SegmentationResult
 
 LABELS = [
     {"value": 1, "name": "Dark", "color": [0.1, 0.2, 0.8], "terminology": None},
@@ -27,16 +25,6 @@ LABELS = [
     },
     {"value": 3, "name": "Bright", "color": [0.95, 0.9, 0.7], "terminology": None},
 ]
-
-
-@dataclass
-class ThresholdResult:
-    labels: sitk.Image
-    label_info: list[dict[str, Any]]
-    model_id: str
-    probabilities: dict[str, sitk.Image] | None = None
-    uncertainty: sitk.Image | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def threshold_segment(
@@ -65,7 +53,7 @@ def threshold_segment(
         plane = values[k]
         labels[k] = np.where(foreground[k], np.digitize(plane, limits[1:]) + 1, 0)
         progress((k + 1) / values.shape[0], f"Thresholding slice {k + 1}")
-    result = ThresholdResult(_like(labels, image), LABELS, model, provenance={"model": model})
+    result = SegmentationResult(_like(labels, image), LABELS, model, provenance={"model": model})
     if probabilities:
         # Soft class memberships from the distance to each class's threshold band.
         width = max(float(limits[2] - limits[0]), 1e-6) / 2

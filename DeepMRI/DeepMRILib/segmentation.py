@@ -6,6 +6,7 @@ The same logic runs in the Python console (synchronous `run`) and behind the mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from deepmri.progress import (
     no_progress,
     sub_progress,
 )
+from deepmri.results import SegmentationResult
 
 from DeepMRILib import jobs, mrml
 
@@ -62,18 +64,6 @@ class SegmentationOutputs:
         """Every node added, segmentation first."""
         added = [self.segmentation, self.labelmap, *self.probabilities.values(), self.uncertainty]
         return [node for node in added if node is not None]
-
-
-@dataclass
-class _FullGridResult:
-    """A segmentation result pasted back onto the full input grid (same fields as the core's)."""
-
-    labels: sitk.Image
-    label_info: list[dict[str, Any]]
-    model_id: str
-    probabilities: dict[str, sitk.Image] | None = None
-    uncertainty: sitk.Image | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def _default_segment_function() -> Callable[..., Any]:
@@ -151,10 +141,9 @@ def to_full_grid(result: Any, full_grid: sitk.Image, box: CropBox | None) -> Any
     probabilities = None
     if result.probabilities:
         probabilities = {name: back(image) for name, image in result.probabilities.items()}
-    return _FullGridResult(
+    return dataclasses.replace(
+        result,
         labels=back(result.labels),
-        label_info=list(result.label_info),
-        model_id=result.model_id,
         probabilities=probabilities,
         uncertainty=back(result.uncertainty),
         provenance={**dict(result.provenance or {}), "crop_box": [box.start, box.stop]},
@@ -371,7 +360,7 @@ class SegmentationJob:
             for key, image in job_result.outputs.items()
             if key.startswith("probability_")
         }
-        result = _FullGridResult(
+        result = SegmentationResult(
             labels=job_result.outputs["labels"],
             label_info=info["label_info"],
             model_id=info["model_id"],

@@ -6,7 +6,7 @@ back to the exact input grid, so the labels overlay the input voxel for voxel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,31 +24,11 @@ from deepmri.progress import (
     no_progress,
     sub_progress,
 )
+from deepmri.results import SegmentationResult
 from deepmri.validation import validate_image
 
 BRAIN_EXTRACTION = "brain-extraction"
 BRAIN_TISSUE = "brain-tissue"
-
-
-@dataclass
-class SegmentationResult:
-    """Labels on the exact input grid, with the card's label metadata and optional extras."""
-
-    labels: sitk.Image
-    label_info: list[dict[str, Any]]
-    model_id: str
-    probabilities: dict[str, sitk.Image] | None = None
-    uncertainty: sitk.Image | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    def volumes_ml(self) -> dict[str, float]:
-        """Volume of each labelled structure in millilitres, for a quick plausibility check."""
-        array = sitk.GetArrayViewFromImage(self.labels)
-        voxel_ml = float(np.prod(self.labels.GetSpacing())) / 1000.0
-        return {
-            info["name"]: float((array == info["value"]).sum()) * voxel_ml
-            for info in self.label_info
-        }
 
 
 @dataclass
