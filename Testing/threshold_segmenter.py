@@ -6,6 +6,8 @@ so Slicer-side logic and the worker can be tested before, and independently of, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import SimpleITK as sitk
 from deepmri.errors import InvalidImageError
@@ -37,7 +39,7 @@ def threshold_segment(
     progress=None,
     cancel=None,
     store=None,
-) -> ThresholdResult:
+) -> SegmentationResult:
     """Classes 1..3 above the background by thresholds at the 25/50/75th percentiles of foreground."""
     progress = progress or no_progress
     if image.GetDimension() != 3:
@@ -76,7 +78,7 @@ def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
-def failing_segment(image: sitk.Image, model: str = "x", **kwargs: Any) -> ThresholdResult:
+def failing_segment(image: sitk.Image, model: str = "x", **kwargs: Any) -> SegmentationResult:
     """Fails the way a real model does on unusable input: halfway through, with a DeepMRIError."""
     progress = kwargs.get("progress") or no_progress
     progress(0.5, "Halfway")
