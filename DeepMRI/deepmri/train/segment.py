@@ -213,7 +213,7 @@ def train(
     }
     checkpoint_path = out_dir / "checkpoint.pt"
     if resume and checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, weights_only=False)
+        saved = torch.load(checkpoint_path, weights_only=True)
         network.load_state_dict(saved["network"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
@@ -301,7 +301,7 @@ def _save_checkpoint(path: Path, network, optimizer, state) -> None:
 def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, Any]:
     """Write the best weights (fp16 safetensors) and card.json of a finished run into `model_dir`."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
-    saved = torch.load(out_dir / "checkpoint.pt", weights_only=False)
+    saved = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     state = saved["state"]
     recipe = RECIPES[state["model_id"]]
     recipe = replace(
