@@ -467,18 +467,8 @@ class DeepMRISegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def volumesText(outputs) -> str:
         """'CSF 312 mL, Grey matter 702 mL, ...' from the result labels, for the status line."""
-        import numpy as np
-        import SimpleITK as sitk
-
-        labels = outputs.result.labels
-        array = sitk.GetArrayViewFromImage(labels)
-        voxelMl = float(np.prod(labels.GetSpacing())) / 1000.0
-        counts = np.bincount(array.ravel(), minlength=256)
-        parts = [
-            f"{info['name']} {counts[int(info['value'])] * voxelMl:.0f} mL"
-            for info in outputs.result.label_info
-        ]
-        return ", ".join(parts)
+        volumes = outputs.result.volumes_ml()
+        return ", ".join(f"{name} {millilitres:.0f} mL" for name, millilitres in volumes.items())
 
 
 class _MarkingJob:
