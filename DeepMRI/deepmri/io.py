@@ -6,9 +6,13 @@ atomic writes so that a failed run never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 
@@ -51,23 +55,107 @@ def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
     return reader.Execute()
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write an image atomically: to a temporary file in the same folder, then renamed."""
+def check_image_path(path: str | os.PathLike) -> Path:
+    """Refuse an output file name no image writer knows, before any work is done."""
     path = Path(path)
-    suffix = _suffix(path)
-    if suffix not in IMAGE_SUFFIXES:
+    if _suffix(path) not in IMAGE_SUFFIXES:
         raise ImageIOError(
             f"Cannot write '{path.name}': use one of {', '.join(IMAGE_SUFFIXES)} as the file ending."
         )
+    return path
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write an image atomically: to a temporary file in the same folder, then renamed."""
+    path = check_image_path(path)
+    suffix = _suffix(path)
+    return _write_with(path, suffix, lambda name: sitk.WriteImage(image, name, compress), "image")
+
+
+TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it only if the block finishes.
+
+    The one atomic-write helper: a failed or interrupted write never leaves a half-written
+    file under the final name. The file gets the permissions the user's umask gives a new
+    file (mkstemp alone would leave it readable by its owner only).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
+        >>> with atomic_path(target) as partial:
+        ...     _ = partial.write_text("done")
+        >>> target.read_text()
+        'done'
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        sitk.WriteImage(image, temporary, compress)
+        yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
-    except RuntimeError as error:
-        raise ImageIOError(f"Could not write '{path}': {error}") from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _write_with(path: Path, suffix: str, write: Callable[[str], Any], what: str) -> Path:
+    try:
+        with atomic_path(path, suffix) as partial:
+            write(str(partial))
+    except RuntimeError as error:
+        raise ImageIOError(f"Could not write the {what} '{path}': {error}") from error
     return path
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (indented, UTF-8)."""
+    path = Path(path)
+    text = json.dumps(data, indent=2, default=str)
+    return _write_with(path, ".json", lambda name: Path(name).write_text(text, "utf-8"), "file")
+
+
+def check_transform_path(path: str | os.PathLike) -> Path:
+    """Refuse a transform file name SimpleITK cannot write, before any work is done."""
+    path = Path(path)
+    if path.suffix.lower() not in TRANSFORM_SUFFIXES:
+        raise ImageIOError(
+            f"Cannot write the transform '{path.name}': use one of "
+            f"{', '.join(TRANSFORM_SUFFIXES)} as the file ending."
+        )
+    return path
+
+
+def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
+    """Write a SimpleITK transform (.h5 keeps displacement fields; .tfm/.txt for linear ones)."""
+    path = check_transform_path(path)
+    suffix = path.suffix.lower()
+    return _write_with(path, suffix, lambda name: sitk.WriteTransform(transform, name), "transform")
+
+
+def read_transform(path: str | os.PathLike) -> sitk.Transform:
+    """Read a SimpleITK transform file, with a clear error if it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageIOError(f"The transform file '{path}' does not exist.")
+    try:
+        transform = sitk.ReadTransform(str(path))
+    except RuntimeError as error:
+        raise ImageIOError(f"Could not read '{path}' as a transform.") from error
+    # A file holding one transform comes back wrapped in a composite; unwrap it.
+    if transform.GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(transform)
+        if composite.GetNumberOfTransforms() == 1:
+            return composite.GetNthTransform(0)
+    return transform

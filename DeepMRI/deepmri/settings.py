@@ -1,7 +1,10 @@
 """The small settings object DeepMRI reads from the environment: device and model folders.
 
-`DEEPMRI_DEVICE` forces a device (cpu, cuda, cuda:1, mps); `DEEPMRI_HOME` moves the user's cache
-(default `~/.deepmri`); `DEEPMRI_MODEL_PATH` adds model folders (os.pathsep-separated).
+`DEEPMRI_DEVICE` chooses a device (auto, cpu, cuda, cuda:1, mps), `DEEPMRI_PRECISION` the GPU
+precision (auto, fp32, fp16, bf16), `DEEPMRI_THREADS` the torch CPU threads; they are the defaults of
+`deepmri.runconfig.RunConfig.from_settings`, which the CLI and Slicer pass to every task.
+`DEEPMRI_HOME` moves the user's cache (default `~/.deepmri`); `DEEPMRI_MODEL_PATH` adds model
+folders (os.pathsep-separated).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ class Settings:
     """Settings resolved once from the environment; pass a new one to override in code."""
 
     device: str | None = None
+    precision: str | None = None
+    threads: int | None = None
     home: Path = field(default_factory=lambda: Path.home() / ".deepmri")
     extra_model_paths: tuple[Path, ...] = ()
 
@@ -34,6 +39,11 @@ class Settings:
             for part in os.environ.get("DEEPMRI_MODEL_PATH", "").split(os.pathsep)
             if part
         )
+        threads = os.environ.get("DEEPMRI_THREADS") or None
         return cls(
-            device=os.environ.get("DEEPMRI_DEVICE") or None, home=home, extra_model_paths=extra
+            device=os.environ.get("DEEPMRI_DEVICE") or None,
+            precision=os.environ.get("DEEPMRI_PRECISION") or None,
+            threads=int(threads) if threads else None,
+            home=home,
+            extra_model_paths=extra,
         )
