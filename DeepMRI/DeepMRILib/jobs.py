@@ -1,7 +1,7 @@
-"""Background jobs: long work runs in a separate Python process, fed through a temporary folder.
+"""Background jobs: one `Job` protocol, backed by a worker process (tasks) or a thread (downloads).
 
-Slicer's GUI stays responsive: the widget polls `Job.poll()` from a timer, shows its progress events
-and calls `Job.cancel()` from its Cancel button. No Qt here, so it runs and is tested anywhere.
+Slicer's GUI stays responsive: the widget polls `job.poll()` from a timer, shows its progress events
+and calls `job.cancel()` from its Cancel button, whatever runs behind it. No Qt here.
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import SimpleITK as sitk
 from deepmri.errors import Cancelled, DeepMRIError
-from deepmri.io import read_image, write_image
+from deepmri.io import write_image, write_json
+from deepmri.progress import CancelToken, ProgressCallback
+from deepmri.runconfig import RunConfig
+from deepmri.tasks.base import TaskResult
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 DEFAULT_CANCEL_GRACE_S = 2.0
@@ -31,23 +34,54 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\
 
 
 class JobError(DeepMRIError):
-    """The background task failed; the message is the worker's own (no traceback)."""
+    """The background work failed; the message is its own (no traceback)."""
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One progress report from the worker: a fraction in [0, 1] and what it is doing."""
+    """One progress report: a fraction in [0, 1] and what the job is doing."""
 
     fraction: float
     message: str
 
 
-@dataclass
-class JobResult:
-    """Output images read back into memory (by name) and the task's info dictionary."""
+class Job(Protocol):
+    """What a widget needs of any background work: poll, state, cancel, result."""
 
-    outputs: dict[str, sitk.Image]
-    info: dict[str, Any] = field(default_factory=dict)
+    fraction: float
+    message: str
+
+    @property
+    def state(self) -> str: ...  # running, succeeded, failed or cancelled
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+    def poll(self) -> list[ProgressEvent]: ...
+
+    def cancel(self) -> None: ...
+
+    def result(self) -> Any: ...
+
+
+class _Reports:
+    """Progress kept for `poll()`: the latest fraction and message, and the events not yet read."""
+
+    def __init__(self) -> None:
+        self.fraction = 0.0
+        self.message = "Starting"
+        self._unread: list[ProgressEvent] = []
+
+    def _report(self, fraction: float, message: str) -> None:
+        self.fraction, self.message = float(fraction), str(message)
+        self._unread.append(ProgressEvent(self.fraction, self.message))
+
+    def _take_unread(self) -> list[ProgressEvent]:
+        events, self._unread = self._unread, []
+        return events
 
 
 def worker_python() -> str:
@@ -69,8 +103,8 @@ def worker_python() -> str:
 def _worker_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     """Environment for the child: `deepmri`'s folder first on its path, unbuffered output.
 
-    A PYTHONPATH in `extra` is added to the path (not substituted), so plug-in functions
-    named in a request can be imported next to `deepmri`.
+    A PYTHONPATH in `extra` is added to the path (not substituted), so plug-in tasks named in
+    a request can be imported next to `deepmri`.
     """
     import deepmri
 
@@ -86,30 +120,39 @@ def _worker_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     return environment
 
 
-class Job:
-    """A running worker process; poll it for progress, cancel it, or collect its result.
+class WorkerJob(_Reports):
+    """A task running in a worker process (`python -m deepmri.worker request.json`).
+
+    `result()` is the worker's `TaskResult`, read back from its files, or what `then` makes of
+    it (the Slicer logic adds nodes there, in the GUI thread).
 
     Examples:
-        >>> job = start_job("smooth", {"image": image}, {"sigma_mm": 2.0})  # doctest: +SKIP
+        >>> job = start_job("segment", {"image": image}, {"model": "brain-tissue"})  # doctest: +SKIP
         >>> while not job.done:  # doctest: +SKIP
         ...     for event in job.poll():
         ...         print(f"{event.fraction:.0%} {event.message}")
-        >>> smoothed = job.result().outputs["image"]  # doctest: +SKIP
+        >>> labels = job.result().images["labels"]  # doctest: +SKIP
     """
 
-    def __init__(self, task: str, process: subprocess.Popen, folder: Path) -> None:
+    def __init__(
+        self,
+        task: str,
+        process: subprocess.Popen,
+        folder: Path,
+        then: Callable[[TaskResult], Any] | None = None,
+    ) -> None:
+        super().__init__()
         self.task = task
         self.folder = folder
-        self.fraction = 0.0
-        self.message = "Starting"
         self._process = process
+        self._then = then
         self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._final: dict[str, Any] | None = None
         self._state = RUNNING
         self._cancel_requested = False
-        self._result: JobResult | None = None
+        self._result: Any = None
+        self._has_result = False
         self._output_lines: list[str] = []
-        self._unread: list[ProgressEvent] = []
         self._reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._reader.start()
 
@@ -123,7 +166,7 @@ class Job:
             try:
                 event = json.loads(line)
             except ValueError:
-                event = {"event": "log", "message": line}
+                event = None
             if not isinstance(event, dict):
                 event = {"event": "log", "message": line}
             self._events.put(event)
@@ -147,14 +190,17 @@ class Job:
             return str(self._final.get("message"))
         return None
 
+    @property
+    def log(self) -> list[str]:
+        """Lines the worker printed that were not events (warnings from libraries, for example)."""
+        return list(self._output_lines)
+
     def poll(self) -> list[ProgressEvent]:
         """Progress events not yet returned by an earlier call; never blocks."""
         self._drain()
-        events, self._unread = self._unread, []
-        return events
+        return self._take_unread()
 
     def _drain(self) -> None:
-        """Move the reader's events into the job's state; progress waits in `_unread` for poll()."""
         while True:
             try:
                 event = self._events.get_nowait()
@@ -165,9 +211,7 @@ class Job:
                 return
             kind = event.get("event")
             if kind == "progress":
-                self.fraction = float(event.get("fraction", 0.0))
-                self.message = str(event.get("message", ""))
-                self._unread.append(ProgressEvent(self.fraction, self.message))
+                self._report(event.get("fraction", 0.0), event.get("message", ""))
             elif kind in ("result", "error", "cancelled"):
                 self._final = event
             else:
@@ -231,33 +275,26 @@ class Job:
         self._reader.join()
         self._drain()
 
-    def result(self) -> JobResult:
-        """The outputs, read into memory (the temporary folder is then deleted).
+    def result(self) -> Any:
+        """The task's result (through `then`, if given); the temporary folder is then deleted.
 
-        Raises `JobError` with the worker's message if it failed, `Cancelled` if cancelled.
+        Waits for the worker. Raises `JobError` with the worker's message if it failed,
+        `Cancelled` if it was cancelled.
         """
-        if self._result is not None:
+        if self._has_result:
             return self._result
         state = self.wait()
         if state == CANCELLED:
             raise Cancelled("The job was cancelled; nothing was written.")
         if state == FAILED:
             raise JobError(self.error or "The background job failed.")
-        final = self._final or {}
         try:
-            outputs = {
-                name: read_image(self.folder / OUTPUT_FOLDER / file_name)
-                for name, file_name in final.get("outputs", {}).items()
-            }
+            task_result = TaskResult.read(self.folder / OUTPUT_FOLDER)
         finally:
             self._remove_folder()
-        self._result = JobResult(outputs, dict(final.get("info", {})))
+        self._result = self._then(task_result) if self._then else task_result
+        self._has_result = True
         return self._result
-
-    @property
-    def log(self) -> list[str]:
-        """Lines the worker printed that were not events (warnings from libraries, for example)."""
-        return list(self._output_lines)
 
     def _remove_folder(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -274,34 +311,45 @@ class Job:
 
 def start_job(
     task: str,
-    inputs: Mapping[str, sitk.Image | str | os.PathLike],
+    inputs: Mapping[str, sitk.Image | sitk.Transform | str | os.PathLike],
     options: Mapping[str, Any] | None = None,
     *,
+    config: RunConfig | None = None,
+    wanted: Iterable[str] = (),
+    then: Callable[[TaskResult], Any] | None = None,
     python: str | None = None,
     environment: Mapping[str, str] | None = None,
     temporary_root: str | os.PathLike | None = None,
-) -> Job:
-    """Start `task` ("smooth", "segment") in a worker process and return its `Job` at once.
+) -> WorkerJob:
+    """Start a registered task in a worker process and return its `WorkerJob` at once.
 
-    Images in `inputs` are written to the job's temporary folder (NRRD, geometry intact); paths
-    are passed as they are. `options` must be JSON-serialisable.
+    Images and transforms in `inputs` are written to the job's temporary folder (NRRD and HDF5,
+    geometry intact); paths are passed as they are. `options` must be JSON-serialisable;
+    `config` (device, precision, threads) travels in the request, `wanted` names the optional
+    outputs to make.
     """
+    from deepmri.io import write_transform
+
     folder = Path(tempfile.mkdtemp(prefix=f"deepmri-{task}-", dir=temporary_root))
     try:
         input_paths = {}
         for name, value in inputs.items():
             if isinstance(value, sitk.Image):
-                input_paths[name] = str(write_image(value, folder / f"input_{name}.nrrd", False))
+                path = write_image(value, folder / f"input_{name}.nrrd", False)
+            elif isinstance(value, sitk.Transform):
+                path = write_transform(value, folder / f"input_{name}.h5")
             else:
-                input_paths[name] = str(Path(value).resolve())
+                path = Path(value).resolve()
+            input_paths[name] = str(path)
         request = {
             "task": task,
             "inputs": input_paths,
             "options": dict(options or {}),
+            "config": (config or RunConfig()).to_dict(),
+            "wanted": sorted(wanted),
             "output_dir": str(folder / OUTPUT_FOLDER),
         }
-        request_path = folder / "request.json"
-        request_path.write_text(json.dumps(request, indent=1), encoding="utf-8")
+        request_path = write_json(request, folder / "request.json")
         with open(folder / "stderr.txt", "wb") as stderr:
             process = subprocess.Popen(
                 [python or worker_python(), "-m", "deepmri.worker", str(request_path)],
@@ -315,4 +363,70 @@ def start_job(
     except Exception:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return Job(task, process, folder)
+    return WorkerJob(task, process, folder, then)
+
+
+class ThreadJob(_Reports):
+    """Runs `function(progress, cancel)` in a thread: I/O-bound work such as a download.
+
+    The GUI thread polls it like a `WorkerJob`; `cancel()` sets the token the function checks
+    and returns at once (the function raises `deepmri.Cancelled` at its next check).
+
+    Examples:
+        >>> job = ThreadJob(lambda progress, cancel: fetch_model(url, cache, progress=progress,
+        ...     cancel=cancel))  # doctest: +SKIP
+    """
+
+    def __init__(self, function: Callable[[ProgressCallback, CancelToken], Any]) -> None:
+        super().__init__()
+        self._events: queue.Queue[tuple[float, str]] = queue.Queue()
+        self._token = CancelToken()
+        self._value: Any = None
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Callable[[ProgressCallback, CancelToken], Any]) -> None:
+        try:
+            self._value = function(
+                lambda fraction, message: self._events.put((fraction, message)), self._token
+            )
+        except BaseException as failure:  # handed to the GUI thread, which reports it
+            self._failure = failure
+
+    @property
+    def state(self) -> str:
+        if self._thread.is_alive():
+            return RUNNING
+        if isinstance(self._failure, Cancelled):
+            return CANCELLED
+        return FAILED if self._failure is not None else SUCCEEDED
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    @property
+    def error(self) -> str | None:
+        return str(self._failure) if self.state == FAILED else None
+
+    def poll(self) -> list[ProgressEvent]:
+        while True:
+            try:
+                self._report(*self._events.get_nowait())
+            except queue.Empty:
+                return self._take_unread()
+
+    def wait(self, timeout: float | None = None) -> str:
+        self._thread.join(timeout)
+        return self.state
+
+    def cancel(self) -> None:
+        self._token.cancel()
+
+    def result(self) -> Any:
+        """The function's return value (waits for it); re-raises what it raised."""
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._value

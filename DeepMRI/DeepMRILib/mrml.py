@@ -341,6 +341,18 @@ def affine_matrix_lps(transform: sitk.Transform | np.ndarray) -> np.ndarray:
         if matrix.shape != (4, 4):
             raise MRMLConversionError(f"An affine matrix must be 4x4, got {matrix.shape}.")
         return matrix
+    if type(transform) is sitk.Transform:  # read from a file: the generic type, made specific
+        transform = transform.Downcast()
+    if not hasattr(transform, "GetMatrix") and transform.IsLinear():
+        # A translation or another linear transform without a matrix: sample it at the origin
+        # and the unit points.
+        origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+        matrix = np.eye(4)
+        for axis in range(3):
+            unit = tuple(float(axis == index) for index in range(3))
+            matrix[:3, axis] = np.asarray(transform.TransformPoint(unit)) - origin
+        matrix[:3, 3] = origin
+        return matrix
     try:
         linear = np.asarray(transform.GetMatrix(), dtype=float).reshape(3, 3)
         translation = np.asarray(transform.GetTranslation(), dtype=float)
@@ -425,6 +437,90 @@ def grid_transform_node_from_displacement(
     if reference_node is not None:
         place_next_to(node, reference_node)
     return node
+
+
+def transform_from_node(node: Any) -> sitk.Transform:
+    """A SimpleITK (LPS) transform from a linear or grid transform node: the node's from-parent
+    transform, which is how `linear_transform_node_from_affine` and
+    `grid_transform_node_from_displacement` store registration results (fixed -> moving points).
+
+    Examples:
+        >>> transform = transform_from_node(slicer.util.getNode("T1 to T2"))  # doctest: +SKIP
+    """
+    if node is not None and node.IsA("vtkMRMLLinearTransformNode"):
+        matrix = vtk.vtkMatrix4x4()
+        node.GetMatrixTransformFromParent(matrix)
+        lps = LPS_TO_RAS_4X4 @ slicer.util.arrayFromVTKMatrix(matrix) @ LPS_TO_RAS_4X4
+        affine = sitk.AffineTransform(3)
+        affine.SetMatrix(tuple(lps[:3, :3].ravel()))
+        affine.SetTranslation(tuple(lps[:3, 3]))
+        return affine
+    if node is not None and node.IsA("vtkMRMLGridTransformNode"):
+        return sitk.DisplacementFieldTransform(_displacement_from_grid_node(node))
+    kind = "nothing" if node is None else node.GetClassName()
+    raise MRMLConversionError(f"Expected a linear or grid transform node, got {kind}.")
+
+
+def _displacement_from_grid_node(node: Any) -> sitk.Image:
+    grid_transform = node.GetTransformFromParent()
+    if grid_transform is None or not grid_transform.IsA("vtkOrientedGridTransform"):
+        raise MRMLConversionError(
+            f"The transform '{node.GetName()}' holds no displacement grid from its parent; "
+            "convert it to a grid transform in the Transforms module first."
+        )
+    grid = grid_transform.GetDisplacementGridData()
+    from vtk.util import numpy_support
+
+    size = grid.GetDimensions()
+    vectors = numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars()).astype(np.float64)
+    scale, shift = grid_transform.GetDisplacementScale(), grid_transform.GetDisplacementShift()
+    vectors = vectors * scale + shift
+    vectors = vectors.reshape(size[2], size[1], size[0], 3) * np.array([-1.0, -1.0, 1.0])
+    field = sitk.GetImageFromArray(vectors, isVector=True)
+    field.SetSpacing(grid.GetSpacing())
+    field.SetOrigin(tuple(LPS_TO_RAS @ np.asarray(grid.GetOrigin(), dtype=float)))
+    direction_ras = slicer.util.arrayFromVTKMatrix(grid_transform.GetGridDirectionMatrix())[:3, :3]
+    field.SetDirection(tuple((LPS_TO_RAS @ direction_ras).ravel()))
+    return field
+
+
+def transform_node_from_transform(
+    transform: sitk.Transform,
+    scene: Any,
+    name: str,
+    *,
+    reference_image: sitk.Image | None = None,
+    reference_node: Any | None = None,
+) -> Any:
+    """Add a linear transform node for an affine-like transform, a grid transform node otherwise.
+
+    A displacement-field transform keeps its own grid; any other non-linear transform (a
+    B-spline, a composite) is sampled as a displacement field on `reference_image`'s grid.
+    """
+    try:
+        affine_matrix_lps(transform)
+    except (MRMLConversionError, RuntimeError, TypeError):
+        pass
+    else:
+        return linear_transform_node_from_affine(
+            transform, scene, name, reference_node=reference_node
+        )
+    if isinstance(transform, sitk.DisplacementFieldTransform):
+        field = transform.GetDisplacementField()
+    elif reference_image is not None:
+        field = sitk.TransformToDisplacementField(
+            transform,
+            sitk.sitkVectorFloat64,
+            reference_image.GetSize(),
+            reference_image.GetOrigin(),
+            reference_image.GetSpacing(),
+            reference_image.GetDirection(),
+        )
+    else:
+        raise MRMLConversionError(
+            f"The transform '{name}' is not linear and there is no image grid to sample it on."
+        )
+    return grid_transform_node_from_displacement(field, scene, name, reference_node=reference_node)
 
 
 # --- scene helpers --------------------------------------------------------------------------
