@@ -1,7 +1,8 @@
 """Batch over a cohort: a corrupt case fails alone, finished cases are not redone, shards cover all.
 
 Cases are real MRI from packages (nibabel's small head, MNI152 at 4 mm); the fast task is the
-classical brain mask, and one case also goes through the learned segment task when its models exist.
+classical brain mask (task segment-classical), and one case also goes through the learned segment
+task when its models exist. Tasks written here are registered in the test only.
 """
 
 from __future__ import annotations
@@ -22,20 +23,28 @@ from deepmri.batch import (
     FAILED_MARKER,
     Case,
     CaseListError,
-    TaskOutput,
-    available_tasks,
     format_summary,
     is_done,
     read_cases,
-    register_task,
     run_batch,
     select_cases,
 )
 from deepmri.cli import main
 from deepmri.geometry import resample_to_spacing, same_geometry
 from deepmri.io import write_image
+from deepmri.tasks import (
+    InputSpec,
+    Kind,
+    OptionSpec,
+    OutputSpec,
+    Task,
+    TaskResult,
+    available_tasks,
+    register_task,
+    unregister_task,
+)
 
-TASK = "brain-mask-classical"
+TASK = "segment-classical"
 
 
 def _nibabel_head() -> Path:
@@ -129,7 +138,7 @@ def test_interrupted_batch_leaves_no_partial_output_and_resumes(cohort, tmp_path
 
 
 def test_shards_and_case_index_cover_every_case_exactly_once():
-    cases = [Case(f"c{i}", Path(f"{i}.nii.gz"), index=i) for i in range(7)]
+    cases = [Case(f"c{i}", {"image": Path(f"{i}.nii.gz")}, index=i) for i in range(7)]
     shards = [select_cases(cases, shard=f"{i}/3") for i in range(3)]
     assert sorted(case.id for shard in shards for case in shard) == sorted(c.id for c in cases)
     assert [case.id for case in shards[1]] == ["c1", "c4"]
@@ -169,25 +178,51 @@ def test_malformed_case_list_is_rejected_with_the_line_at_fault(tmp_path, text, 
         read_cases(path)
 
 
-def test_model_column_overrides_the_default_and_reaches_the_task(tmp_path, mni_t1):
-    seen: dict[str, str | None] = {}
+class RecordModel(Task):
+    """Copies its input and records the `model` option it was given."""
 
-    def record_model(image, *, model, device, options, progress, cancel) -> TaskOutput:
-        seen[str(image.GetSize())] = model
-        return TaskOutput({"copy": image}, {"model seen": model or ""}, model)
+    name = "record-model"
+    inputs = (InputSpec("image", Kind.VOLUME, "a volume"),)
+    options = (OptionSpec("model", str, "builtin", "a model id"),)
+    outputs = (OutputSpec("copy", Kind.VOLUME, "the input"),)
+    seen: dict[str, str] = {}
 
-    register_task("record-model", record_model, replace=True)
+    def run(self, inputs, options, context):
+        self.seen[str(inputs["image"].GetSize())] = options["model"]
+        return TaskResult(
+            self.name,
+            images={"copy": inputs["image"]},
+            measures={"model seen": options["model"]},
+            info={"model_id": options["model"]},
+        )
+
+
+@pytest.fixture
+def record_model():
+    task = register_task(RecordModel, replace=True)
+    task.seen.clear()
+    yield task
+    unregister_task(task.name)
+
+
+def test_model_column_overrides_the_batch_option_and_reaches_the_task(
+    tmp_path, mni_t1, record_model
+):
     assert "record-model" in available_tasks() and "segment" in available_tasks()
     write_image(resample_to_spacing(mni_t1, [6.0, 6.0, 6.0]), tmp_path / "a.nii.gz")
     write_image(resample_to_spacing(mni_t1, [8.0, 8.0, 8.0]), tmp_path / "b.nii.gz")
     (tmp_path / "cases.csv").write_text("id,input,model\na,a.nii.gz,special\nb,b.nii.gz,\n")
-    report = run_batch(
-        read_cases(tmp_path / "cases.csv"), "record-model", tmp_path / "o", model="fallback"
-    )
-    assert sorted(seen.values()) == ["fallback", "special"]
+    cases = read_cases(tmp_path / "cases.csv", "record-model")
+    report = run_batch(cases, "record-model", tmp_path / "o", options={"model": "fallback"})
+    assert sorted(record_model.seen.values()) == ["fallback", "special"]
     assert [row["model seen"] for row in report.summary_rows] == ["special", "fallback"]
+    assert [row["model"] for row in report.summary_rows] == ["special", "fallback"]
     marker = json.loads((tmp_path / "o" / "a" / DONE_MARKER).read_text())
-    assert marker["outputs"] == ["copy.nii.gz"] and marker["requested_model"] == "special"
+    assert marker["outputs"] == ["copy.nii.gz", "result.json"]
+    assert marker["options"] == {"model": "special"}
+    # Another batch option is another result: the case is not taken as done.
+    assert not is_done(tmp_path / "o", cases[1], "record-model", {"model": "other"})
+    assert is_done(tmp_path / "o", cases[1], "record-model", {"model": "fallback"})
 
 
 def _segment_model_available() -> bool:
@@ -218,17 +253,23 @@ def test_one_case_through_the_learned_segment_task(tmp_path, mni_t1):
 
 _SLOW_TASK_SCRIPT = """
 import sys, time
-from deepmri.batch import TaskOutput, register_task
 from deepmri.cli import main
+from deepmri.tasks import InputSpec, Kind, OutputSpec, Task, TaskResult, register_task
 
-def sleepy(image, *, model, device, options, progress, cancel):
-    if image.GetSpacing()[0] > 7:  # the coarse case stands for a long one
-        for step in range(1200):
-            progress(step / 1200, "working")
-            time.sleep(0.05)
-    return TaskOutput({"copy": image}, {}, "sleepy")
+class Sleepy(Task):
+    name = "sleepy"
+    inputs = (InputSpec("image", Kind.VOLUME, "a volume"),)
+    outputs = (OutputSpec("copy", Kind.VOLUME, "the input"),)
 
-register_task("sleepy", sleepy)
+    def run(self, inputs, options, context):
+        image = inputs["image"]
+        if image.GetSpacing()[0] > 7:  # the coarse case stands for a long one
+            for step in range(1200):
+                context.progress(step / 1200, "working")
+                time.sleep(0.05)
+        return TaskResult(self.name, images={"copy": image})
+
+register_task(Sleepy)
 sys.exit(main(sys.argv[1:]))
 """
 

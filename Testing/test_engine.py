@@ -17,16 +17,16 @@ def small_fully_convolutional_net(seed: int = 0) -> torch.nn.Module:
     ).eval()
 
 
-def test_device_choice_follows_argument_then_environment(monkeypatch):
-    monkeypatch.setenv("DEEPMRI_DEVICE", "cpu")
-    assert engine.select_device() == torch.device("cpu")
+def test_device_choice_follows_the_argument_and_ignores_the_environment(monkeypatch):
+    # The environment is read once, by Settings in the front doors, never by the engine.
+    monkeypatch.setenv("DEEPMRI_DEVICE", "cuda:7")
+    assert engine.select_device() == engine.select_device("auto")
     assert engine.select_device("cpu") == torch.device("cpu")
+    assert engine.select_device("CPU") == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(DeepMRIError, match="no CUDA GPU"):
-            engine.select_device("cuda")
-        monkeypatch.setenv("DEEPMRI_DEVICE", "cuda:0")
-        with pytest.raises(DeepMRIError, match="cuda:0"):
-            engine.select_device()
+        for name in ("cuda", "gpu", "CUDA", "cuda:1"):
+            with pytest.raises(DeepMRIError, match="no CUDA GPU"):
+                engine.select_device(name)
     assert engine.describe_device("cpu").startswith("CPU")
 
 

@@ -11,19 +11,18 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import SimpleITK as sitk
 
 from deepmri.errors import Cancelled, DeepMRIError
-from deepmri.io import read_image, write_image
+from deepmri.io import atomic_path, read_image, read_transform
 from deepmri.progress import (
     CancelLike,
     ProgressCallback,
@@ -31,13 +30,19 @@ from deepmri.progress import (
     no_progress,
     sub_progress,
 )
+from deepmri.runconfig import RunConfig
+from deepmri.tasks import Kind, RunContext, Task, TaskResult, get_task
+from deepmri.tasks.base import RESULT_FILE
 
 DONE_MARKER = "done.json"
 FAILED_MARKER = "failed.json"
 CASE_LOG = "log.txt"
 SUMMARY_FILE = "summary.csv"
+OUTPUT_SUFFIX = ".nii.gz"
 _STATUSES = ("done", "failed", "pending")
-REQUIRED_COLUMNS = ("id", "input")
+# A task with one input also takes it from a column named "input" (the case lists written
+# before tasks declared their inputs).
+SINGLE_INPUT_ALIAS = "input"
 # Case ids become folder names, so they are kept to characters that are safe on every file system.
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -48,156 +53,101 @@ class CaseListError(DeepMRIError):
 
 @dataclass(frozen=True)
 class Case:
-    """One row of the case list: an id (also its output folder name), an input and an optional model."""
+    """One row of the case list: an id (its output folder name), input files, option overrides."""
 
     id: str
-    input: Path
-    model: str | None = None
+    inputs: Mapping[str, Path] = field(default_factory=dict)
+    options: Mapping[str, str] = field(default_factory=dict)
     index: int = 0  # 0-based row number in the case list, the number `--case-index` takes
 
-
-@dataclass
-class TaskOutput:
-    """What a task gives the batch: images to write (file stem -> image) and summary columns."""
-
-    images: dict[str, sitk.Image]
-    measures: dict[str, float | str] = field(default_factory=dict)
-    model: str | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
+    @property
+    def model(self) -> str | None:
+        """The row's `model` column, if any (a common override, shown in the summary)."""
+        return self.options.get("model") or None
 
 
-class TaskRunner(Protocol):
-    """A batch task: one image in, a `TaskOutput` out; long work reports progress and obeys cancel."""
+def read_cases(csv_path: str | os.PathLike, task: str | Task = "segment") -> list[Case]:
+    """Read one row per case: `id`, a column per input of `task`, optional option columns.
 
-    def __call__(
-        self,
-        image: sitk.Image,
-        *,
-        model: str | None,
-        device: str | None,
-        options: dict[str, Any],
-        progress: ProgressCallback,
-        cancel: CancelLike | None,
-    ) -> TaskOutput: ...
-
-
-_TASKS: dict[str, TaskRunner] = {}
-
-
-def register_task(name: str, runner: TaskRunner, *, replace: bool = False) -> None:
-    """Make a task available to `run_batch` and `deepmri batch --task NAME`."""
-    if name in _TASKS and not replace:
-        raise ValueError(f"A batch task named '{name}' is already registered.")
-    _TASKS[name] = runner
-
-
-def available_tasks() -> list[str]:
-    return sorted(_TASKS)
-
-
-def get_task(name: str) -> TaskRunner:
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise DeepMRIError(
-            f"Unknown batch task '{name}'; choose one of: {', '.join(available_tasks())}."
-        ) from None
-
-
-def _segment_task(
-    image: sitk.Image,
-    *,
-    model: str | None,
-    device: str | None,
-    options: dict[str, Any],
-    progress: ProgressCallback,
-    cancel: CancelLike | None,
-) -> TaskOutput:
-    """Learned segmentation (deepmri.tasks.segment): labels, plus probabilities/uncertainty on request."""
-    from deepmri.tasks.segment import segment
-
-    result = segment(
-        image,
-        model or "brain-tissue",
-        device=device,
-        probabilities=bool(options.get("probabilities")),
-        uncertainty=bool(options.get("uncertainty")),
-        progress=progress,
-        cancel=cancel,
-    )
-    images = {"labels": result.labels}
-    for name, probability in (result.probabilities or {}).items():
-        images["probability-" + _file_stem(name)] = probability
-    if result.uncertainty is not None:
-        images["uncertainty"] = result.uncertainty
-    measures = {f"{name} (mL)": round(ml, 2) for name, ml in result.volumes_ml().items()}
-    return TaskOutput(images, measures, result.model_id, result.provenance)
-
-
-def _classical_brain_mask_task(
-    image: sitk.Image,
-    *,
-    model: str | None,
-    device: str | None,
-    options: dict[str, Any],
-    progress: ProgressCallback,
-    cancel: CancelLike | None,
-) -> TaskOutput:
-    """Brain mask by thresholding and morphology: no weights, works on day one, seconds per case."""
-    import numpy as np
-
-    from deepmri.tasks.segment_classical import classical_brain_mask
-
-    check_cancel(cancel)
-    progress(0.1, "Thresholding the brain")
-    mask = classical_brain_mask(image)
-    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    brain_ml = float(sitk.GetArrayViewFromImage(mask).sum()) * voxel_ml
-    return TaskOutput({"labels": mask}, {"Brain (mL)": round(brain_ml, 2)}, "classical")
-
-
-register_task("segment", _segment_task)
-register_task("brain-mask-classical", _classical_brain_mask_task)
-
-
-def _file_stem(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "output"
-
-
-def read_cases(csv_path: str | os.PathLike) -> list[Case]:
-    """Read `id,input[,model]` rows; relative inputs are taken relative to the CSV's folder."""
+    Required inputs are required columns; a column named like an option (`model`, or
+    `sigma_mm` / `sigma-mm`) overrides that option for its row when not empty. Relative input
+    paths are taken relative to the CSV's folder.
+    """
+    task = get_task(task) if isinstance(task, str) else task
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise CaseListError(f"The case list '{csv_path}' does not exist.")
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [name.strip() for name in reader.fieldnames or []]
-        missing = [name for name in REQUIRED_COLUMNS if name not in columns]
-        if missing:
-            raise CaseListError(
-                f"The case list '{csv_path.name}' has no column {', '.join(missing)}; "
-                f"its first line must name the columns, e.g. 'id,input,model'."
-            )
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    cases = [_case_from_row(row, index, csv_path) for index, row in enumerate(rows)]
+    input_columns = _input_columns(task, columns)
+    required = ["id"] + [
+        spec.name for spec in task.inputs if not spec.optional and spec.name not in input_columns
+    ]
+    missing = [name for name in required if name not in columns]
+    if missing:
+        example = ",".join(["id"] + [spec.name for spec in task.inputs])
+        raise CaseListError(
+            f"The case list '{csv_path.name}' has no column {', '.join(missing)}; "
+            f"its first line must name the columns, e.g. '{example}' for task '{task.name}'."
+        )
+    option_columns = _option_columns(task, columns)
+    cases = [
+        _case_from_row(row, index, csv_path, task, input_columns, option_columns)
+        for index, row in enumerate(rows)
+    ]
     _check_unique_ids(cases, csv_path)
     return cases
 
 
-def _case_from_row(row: dict[str, str], index: int, csv_path: Path) -> Case:
+def _input_columns(task: Task, columns: Sequence[str]) -> dict[str, str]:
+    """input name -> the column holding it."""
+    found = {spec.name: spec.name for spec in task.inputs if spec.name in columns}
+    if len(task.inputs) == 1 and not found and SINGLE_INPUT_ALIAS in columns:
+        found[task.inputs[0].name] = SINGLE_INPUT_ALIAS
+    return found
+
+
+def _option_columns(task: Task, columns: Sequence[str]) -> dict[str, str]:
+    """option name -> the column holding it (`sigma_mm` or `sigma-mm`)."""
+    found = {}
+    for spec in task.options:
+        for column in (spec.name, spec.name.replace("_", "-")):
+            if column in columns:
+                found[spec.name] = column
+    return found
+
+
+def _case_from_row(
+    row: dict[str, str],
+    index: int,
+    csv_path: Path,
+    task: Task,
+    input_columns: dict[str, str],
+    option_columns: dict[str, str],
+) -> Case:
     line = index + 2  # the header is line 1
-    case_id, input_text = row.get("id", ""), row.get("input", "")
+    case_id = row.get("id", "")
     if not _SAFE_ID.fullmatch(case_id):
         raise CaseListError(
             f"Line {line} of '{csv_path.name}': the id '{case_id}' must start with a letter or digit "
             "and use only letters, digits, '.', '_' and '-' (it names the output folder)."
         )
-    if not input_text:
-        raise CaseListError(f"Line {line} of '{csv_path.name}': case '{case_id}' has no input.")
-    input_path = Path(input_text).expanduser()
-    if not input_path.is_absolute():
-        input_path = csv_path.parent / input_path
-    return Case(case_id, input_path, row.get("model") or None, index)
+    inputs = {}
+    for spec in task.inputs:
+        text = row.get(input_columns.get(spec.name, spec.name), "")
+        if not text:
+            if spec.optional:
+                continue
+            raise CaseListError(
+                f"Line {line} of '{csv_path.name}': case '{case_id}' has no input "
+                f"'{input_columns.get(spec.name, spec.name)}'."
+            )
+        path = Path(text).expanduser()
+        inputs[spec.name] = path if path.is_absolute() else csv_path.parent / path
+    options = {name: row[column] for name, column in option_columns.items() if row.get(column)}
+    return Case(case_id, inputs, options, index)
 
 
 def _check_unique_ids(cases: Sequence[Case], csv_path: Path) -> None:
@@ -243,12 +193,29 @@ def case_folder(output_dir: str | os.PathLike, case: Case) -> Path:
     return Path(output_dir) / case.id
 
 
-def is_done(output_dir: str | os.PathLike, case: Case, task: str) -> bool:
-    """A case is done when its done-marker names this task and every output it lists exists."""
+def case_options(task: Task, case: Case, options: Mapping[str, Any] | None = None) -> dict:
+    """The options a case runs with: the batch's, overridden by the row's, typed and complete."""
+    return task.resolve_options({**dict(options or {}), **dict(case.options)})
+
+
+def is_done(
+    output_dir: str | os.PathLike,
+    case: Case,
+    task: str | Task,
+    options: Mapping[str, Any] | None = None,
+    wanted: Iterable[str] = (),
+) -> bool:
+    """Done when the done-marker names this task, the same options, every wanted output, and
+    every file it lists exists."""
+    task = get_task(task) if isinstance(task, str) else task
     marker = _read_json(case_folder(output_dir, case) / DONE_MARKER)
-    if marker is None or marker.get("task") != task:
+    if marker is None or marker.get("task") != task.name:
         return False
-    if case.model and marker.get("requested_model") != case.model:
+    try:
+        requested = json.loads(json.dumps(case_options(task, case, options), default=str))
+    except DeepMRIError:
+        return False
+    if marker.get("options") != requested or not set(wanted) <= set(marker.get("wanted", [])):
         return False
     folder = case_folder(output_dir, case)
     return all((folder / name).is_file() for name in marker.get("outputs", []))
@@ -262,16 +229,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """Readers never see half a file (io.atomic_path, which also honours the umask)."""
+    with atomic_path(path, path.suffix) as partial:
+        partial.write_text(text, encoding="utf-8", newline="")
 
 
 @dataclass
@@ -308,28 +268,29 @@ class _CaseLog:
 
 def run_case(
     case: Case,
-    task: str,
+    task: str | Task,
     output_dir: str | os.PathLike,
     *,
-    model: str | None = None,
-    device: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    config: RunConfig | None = None,
+    wanted: Iterable[str] = (),
     force: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelLike | None = None,
 ) -> CaseResult:
     """Run one case into `output_dir/<id>/`; a finished case is skipped unless `force`.
 
+    Outputs are the task's `TaskResult.write` (one file per output key, and result.json).
     Never raises for a bad case (the error goes to its log, `failed.json` and the result), so one
     corrupt scan cannot stop a cohort; only `Cancelled` and KeyboardInterrupt stop the caller.
     """
     from deepmri import __version__
 
+    task = get_task(task) if isinstance(task, str) else task
     progress = progress or no_progress
-    case = case if case.model or not model else Case(case.id, case.input, model, case.index)
-    if not force and is_done(output_dir, case, task):
+    wanted = frozenset(wanted)
+    if not force and is_done(output_dir, case, task, options, wanted):
         return CaseResult(case, "skipped")
-    runner = get_task(task)
     folder = case_folder(output_dir, case)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in (DONE_MARKER, FAILED_MARKER):
@@ -338,9 +299,11 @@ def run_case(
         partial.unlink(missing_ok=True)
     log = _CaseLog(folder / CASE_LOG)
     log.write(
-        f"=== case {case.id}: task {task}, model {case.model or 'default'}, deepmri {__version__}"
+        f"=== case {case.id}: task {task.name}, options {dict(case.options) or 'default'}, "
+        f"deepmri {__version__}"
     )
-    log.write(f"input {case.input}")
+    for name, path in case.inputs.items():
+        log.write(f"input {name}: {path}")
     started = time.perf_counter()
 
     def report(fraction: float, message: str) -> None:
@@ -348,30 +311,33 @@ def run_case(
         progress(fraction, message)
 
     try:
-        image = read_image(case.input)
-        report(0.02, f"Read {image.GetSize()} voxels at {_spacing_text(image)} mm")
-        output = runner(
-            image,
-            model=case.model,
-            device=device,
-            options=dict(options or {}),
+        resolved = case_options(task, case, options)
+        inputs = _read_inputs(task, case)
+        for name, value in inputs.items():
+            if isinstance(value, sitk.Image):
+                report(0.02, f"Read {name}: {value.GetSize()} voxels at {_spacing_text(value)} mm")
+        context = RunContext(
+            config=config or RunConfig(),
             progress=sub_progress(report, 0.03, 0.97),
             cancel=cancel,
+            wanted=wanted,
         )
+        result = task(inputs, resolved, context)
         check_cancel(cancel)
         report(0.98, "Writing the outputs")
-        written = _write_outputs(output, folder)
+        written = _write_outputs(result, folder)
         seconds = time.perf_counter() - started
         marker = {
             "id": case.id,
-            "task": task,
-            "requested_model": case.model,
-            "model": output.model,
-            "input": str(case.input),
+            "task": task.name,
+            "options": resolved,
+            "wanted": sorted(wanted),
+            "model": result.info.get("model_id"),
+            "inputs": {name: str(path) for name, path in case.inputs.items()},
             "outputs": written,
             "seconds": round(seconds, 2),
-            "measures": output.measures,
-            "provenance": output.provenance,
+            "measures": result.measures,
+            "provenance": result.info.get("provenance", {}),
             "deepmri_version": __version__,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -388,11 +354,19 @@ def run_case(
         log.write(f"FAILED: {message}")
         if not isinstance(error, DeepMRIError):
             log.write(traceback.format_exc())
-        failure = {"id": case.id, "task": task, "error": message, "seconds": round(seconds, 2)}
+        failure = {"id": case.id, "task": task.name, "error": message, "seconds": round(seconds, 2)}
         _write_text_atomic(folder / FAILED_MARKER, json.dumps(failure, indent=2))
         return CaseResult(case, "failed", seconds, message)
     finally:
         log.close()
+
+
+def _read_inputs(task: Task, case: Case) -> dict[str, Any]:
+    kinds = {spec.name: spec.kind for spec in task.inputs}
+    return {
+        name: (read_transform if kinds[name] is Kind.TRANSFORM else read_image)(path)
+        for name, path in case.inputs.items()
+    }
 
 
 def _spacing_text(image: sitk.Image) -> str:
@@ -404,13 +378,9 @@ def _one_line(error: BaseException) -> str:
     return text if isinstance(error, DeepMRIError) else f"{type(error).__name__}: {text}"
 
 
-def _write_outputs(output: TaskOutput, folder: Path) -> list[str]:
-    written = []
-    for stem, image in output.images.items():
-        name = f"{stem}.nii.gz"
-        write_image(image, folder / name)
-        written.append(name)
-    return written
+def _write_outputs(result: TaskResult, folder: Path) -> list[str]:
+    files = result.write(folder, OUTPUT_SUFFIX)
+    return [*files.values(), RESULT_FILE]
 
 
 @dataclass
@@ -428,24 +398,31 @@ class BatchReport:
 
 def run_batch(
     cases: Sequence[Case],
-    task: str,
+    task: str | Task,
     output_dir: str | os.PathLike,
     *,
     selected: Sequence[Case] | None = None,
-    model: str | None = None,
-    device: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    config: RunConfig | None = None,
+    wanted: Iterable[str] = (),
     force: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelLike | None = None,
 ) -> BatchReport:
     """Run `selected` cases (default: all) one after another, then write the cohort summary.
 
-    The summary covers every case in `cases`, read back from the case folders, so the last shard
-    to finish leaves a complete table. It is also written when the run is cancelled.
+    `options` apply to every case (a row's option columns override them); `config` is the
+    device, precision and threads; `wanted` names optional outputs to write. The summary covers
+    every case in `cases`, read back from the case folders, so the last shard to finish leaves
+    a complete table. It is also written when the run is cancelled.
     """
     progress = progress or no_progress
-    get_task(task)  # an unknown task fails before any case starts
+    task = get_task(task) if isinstance(task, str) else task  # unknown: fails before any case
+    task.resolve_options(dict(options or {}))  # so do unknown or mistyped options
+    wanted = frozenset(wanted)
+    task.check_wanted(wanted)
+    if config is not None:
+        config.resolve_device()  # and a missing GPU
     selected = list(cases if selected is None else selected)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -458,9 +435,9 @@ def run_batch(
                 case,
                 task,
                 output_dir,
-                model=model,
-                device=device,
                 options=options,
+                config=config,
+                wanted=wanted,
                 force=force,
                 progress=case_progress,
                 cancel=cancel,
@@ -468,7 +445,7 @@ def run_batch(
             case_progress(1.0, _status_text(result))
             results.append(result)
     finally:
-        rows = summary_rows(cases, output_dir, task, model=model)
+        rows = summary_rows(cases, output_dir, task, options=options, wanted=wanted)
         summary_path = write_summary(rows, output_dir / SUMMARY_FILE)
     return BatchReport(results, rows, summary_path)
 
@@ -492,16 +469,21 @@ def _status_text(result: CaseResult) -> str:
 
 
 def summary_rows(
-    cases: Iterable[Case], output_dir: str | os.PathLike, task: str, *, model: str | None = None
+    cases: Iterable[Case],
+    output_dir: str | os.PathLike,
+    task: str | Task,
+    *,
+    options: Mapping[str, Any] | None = None,
+    wanted: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     """One row per case from its markers: status done, failed or pending, time, model, measures."""
+    task = get_task(task) if isinstance(task, str) else task
     rows = []
     for case in cases:
-        case = case if case.model or not model else Case(case.id, case.input, model, case.index)
         folder = case_folder(output_dir, case)
         row: dict[str, Any] = {"id": case.id, "status": "pending", "seconds": "", "model": ""}
         row["message"] = ""
-        if is_done(output_dir, case, task):
+        if is_done(output_dir, case, task, options, wanted):
             marker = _read_json(folder / DONE_MARKER) or {}
             row.update(status="done", seconds=marker.get("seconds", ""))
             row.update(model=marker.get("model") or "")

@@ -8,7 +8,6 @@ do not fit the device, out-of-memory recovery, progress and cancel between tile 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,8 +16,8 @@ from monai.inferers import sliding_window_inference
 
 from deepmri.errors import DeepMRIError, OutOfMemoryError
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
+from deepmri.runconfig import PRECISIONS, RunConfig
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # Tiles per forward pass on the CPU. For a 96^3 MONAI UNet on 2 cores, 4 tiles need 1.7x less CPU
 # time per volume than 1 (PyTorch runs batched convolutions in oneDNN); 8 save another ~12% for
 # 1.7x the memory, too much of a risk where running out of memory kills the process
@@ -41,30 +40,18 @@ class InferenceResult:
 
 
 def select_device(preference: str | torch.device | None = None) -> torch.device:
-    """The device to run on: the argument, else `DEEPMRI_DEVICE`, else cuda > mps > cpu.
+    """The torch device for a device name ("auto" or None: cuda > mps > cpu), checked to exist.
+
+    The name is not read from the environment here: the front doors resolve the user's choice
+    once (`deepmri.runconfig.RunConfig.from_settings`) and pass it down.
 
     Examples:
         >>> select_device("cpu")
         device(type='cpu')
     """
-    choice = (
-        preference if preference not in (None, "", "auto") else os.environ.get("DEEPMRI_DEVICE")
-    )
-    if choice not in (None, "", "auto"):
-        device = torch.device(choice)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DeepMRIError(
-                f"Device '{choice}' was asked for, but PyTorch sees no CUDA GPU here. Use 'cpu', or "
-                "install a CUDA build of PyTorch (in Slicer: the PyTorch extension)."
-            )
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise DeepMRIError(f"Device '{choice}' was asked for, but Apple MPS is not available.")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if isinstance(preference, torch.device):
+        preference = str(preference)
+    return RunConfig(device=preference or "auto").resolve_device()
 
 
 def describe_device(device: str | torch.device | None = None) -> str:

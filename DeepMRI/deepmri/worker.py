@@ -1,138 +1,38 @@
 """Background worker: `python -m deepmri.worker request.json` runs one task in its own process.
 
-Slicer (or any caller) writes the inputs and a JSON request to a folder; the worker streams progress
-as JSON lines on stdout, writes its outputs to the same folder and stops cleanly on SIGTERM.
+Slicer (or any caller) writes the inputs and a JSON request to a folder; the worker streams
+progress as JSON lines on stdout, writes the `TaskResult` to the output folder and stops cleanly
+on SIGTERM. It knows no task: any registered one (or "module:Class" for one that is not) runs.
 
-Request: {"task": "smooth" | "segment", "inputs": {name: image path}, "options": {...},
-"output_dir": folder}. Events, one JSON object per stdout line:
-{"event": "progress", "fraction": 0.4, "message": "..."}, {"event": "result", "outputs":
-{name: file name in output_dir}, "info": {...}}, {"event": "error", "message": "...", "kind":
-"InvalidImageError"}, {"event": "cancelled", "message": "..."}.
+Request:
+    {"task": "segment" (or "package.module:Class"), "inputs": {name: file},
+     "options": {name: value}, "config": RunConfig.to_dict(), "wanted": [optional outputs],
+     "output_dir": folder (default: the request's folder)}
+Events, one JSON object per stdout line:
+    {"event": "progress", "fraction": 0.4, "message": "..."}
+    {"event": "result", "task": "segment", "folder": output_dir, "files": {key: file name}}
+        (read it back with `deepmri.tasks.TaskResult.read(folder)`)
+    {"event": "error", "message": "...", "kind": "InvalidImageError"}
+    {"event": "cancelled", "message": "..."}
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import sys
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-import SimpleITK as sitk
-
-from deepmri.errors import Cancelled, DeepMRIError, InvalidImageError
-from deepmri.io import read_image, write_image
-from deepmri.progress import CancelToken, ProgressCallback, check_cancel
+from deepmri.errors import Cancelled, DeepMRIError
+from deepmri.progress import CancelToken, check_cancel
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
 OUTPUT_SUFFIX = ".nrrd"  # uncompressed: the parent reads it back at once, speed beats size
 
-TaskOutputs = tuple[dict[str, sitk.Image], dict[str, Any]]
-Task = Callable[[dict[str, sitk.Image], dict[str, Any], ProgressCallback, CancelToken], TaskOutputs]
-
 
 class RequestError(DeepMRIError):
-    """The request file is missing, unreadable or names an unknown task or input."""
-
-
-def smooth_task(
-    inputs: dict[str, sitk.Image],
-    options: dict[str, Any],
-    progress: ProgressCallback,
-    cancel: CancelToken,
-) -> TaskOutputs:
-    """A diagnostic task: in-plane Gaussian smoothing, slice by slice, `passes` times over.
-
-    Real work with a progress report and a cancel check per slice, so a caller's progress bar,
-    Cancel button and error path can be checked without a model.
-    """
-    image = _require(inputs, "image")
-    sigma = float(options.get("sigma_mm", 1.0))
-    passes = int(options.get("passes", 1))
-    if image.GetDimension() != 3:
-        raise InvalidImageError(
-            f"The input is {image.GetDimension()}D; smoothing works on 3D volumes."
-        )
-    if sigma <= 0 or passes < 1:
-        raise InvalidImageError("sigma_mm must be positive and passes at least 1.")
-    # Slices go through as plain 2D images (in-plane spacing only): the 2D part of an oblique
-    # 3D direction matrix is not a valid 2D direction.
-    volume = sitk.GetArrayFromImage(image).astype(np.float32)
-    in_plane_spacing = image.GetSpacing()[:2]
-    depth = volume.shape[0]
-    for current_pass in range(passes):
-        for k in range(depth):
-            check_cancel(cancel)
-            plane = sitk.GetImageFromArray(volume[k])
-            plane.SetSpacing(in_plane_spacing)
-            volume[k] = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(plane, sigma))
-            done = (current_pass * depth + k + 1) / (passes * depth)
-            progress(done, f"Smoothing slice {k + 1}/{depth} (pass {current_pass + 1}/{passes})")
-    working = sitk.GetImageFromArray(volume)
-    working.CopyInformation(image)
-    return {"image": working}, {"sigma_mm": sigma, "passes": passes}
-
-
-def segment_task(
-    inputs: dict[str, sitk.Image],
-    options: dict[str, Any],
-    progress: ProgressCallback,
-    cancel: CancelToken,
-) -> TaskOutputs:
-    """Run `deepmri.tasks.segment.segment` (or `options["function"]`, "module:name") on `image`.
-
-    Outputs: "labels", "probability_<value>" per label, "uncertainty"; info carries the label
-    list, model id, provenance and which probability file belongs to which label.
-    """
-    # Importing torch and MONAI takes seconds: say so before the first real progress report.
-    progress(0.0, "Loading PyTorch and the model libraries")
-    function = _load_function(options.get("function", "deepmri.tasks.segment:segment"))
-    result = function(
-        _require(inputs, "image"),
-        options.get("model", "brain-tissue"),
-        device=options.get("device"),
-        probabilities=bool(options.get("probabilities", False)),
-        uncertainty=bool(options.get("uncertainty", False)),
-        progress=progress,
-        cancel=cancel,
-    )
-    outputs = {"labels": result.labels}
-    probability_names = {}
-    by_name = {info["name"]: info["value"] for info in result.label_info}
-    for name, probability in (result.probabilities or {}).items():
-        key = f"probability_{by_name.get(name, len(probability_names) + 1)}"
-        outputs[key] = probability
-        probability_names[key] = name
-    if result.uncertainty is not None:
-        outputs["uncertainty"] = result.uncertainty
-    info = {
-        "label_info": result.label_info,
-        "model_id": result.model_id,
-        "provenance": result.provenance,
-        "probability_names": probability_names,
-    }
-    return outputs, info
-
-
-TASKS: dict[str, Task] = {"smooth": smooth_task, "segment": segment_task}
-
-
-def _require(inputs: Mapping[str, sitk.Image], name: str) -> sitk.Image:
-    if name not in inputs:
-        raise RequestError(f"The request has no input named '{name}'.")
-    return inputs[name]
-
-
-def _load_function(reference: str) -> Callable[..., Any]:
-    """Import "package.module:function"; lets a caller (or a test) plug in its own segmenter."""
-    module_name, _, attribute = reference.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise RequestError(f"Cannot load the function '{reference}': {error}") from error
+    """The request file is missing, unreadable or malformed."""
 
 
 class _Events:
@@ -154,27 +54,50 @@ def _read_request(path: Path) -> dict[str, Any]:
         request = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise RequestError(f"Cannot read the job request '{path}': {error}") from error
-    if request.get("task") not in TASKS:
-        raise RequestError(
-            f"Unknown task '{request.get('task')}'; known tasks: {', '.join(sorted(TASKS))}."
-        )
+    if not isinstance(request, dict) or not isinstance(request.get("task"), str):
+        raise RequestError(f"The job request '{path}' names no task.")
     return request
 
 
+def read_inputs(task: Any, files: dict[str, str]) -> dict[str, Any]:
+    """Each input file read by its declared kind (images, or transforms)."""
+    from deepmri.io import read_image, read_transform
+    from deepmri.tasks import Kind
+
+    kinds = {spec.name: spec.kind for spec in task.inputs}
+    inputs = {}
+    for name, file in files.items():
+        reader = read_transform if kinds.get(name) is Kind.TRANSFORM else read_image
+        inputs[name] = reader(file)
+    return inputs
+
+
 def run_request(path: Path, events: _Events, cancel: CancelToken) -> None:
-    """Read inputs, run the task, write outputs atomically, then report the result event."""
+    """Read the inputs, run the task, write its result, then report the result event."""
+    from deepmri.runconfig import RunConfig
+    from deepmri.tasks import RunContext, get_task
+
     request = _read_request(path)
     output_dir = Path(request.get("output_dir") or path.parent)
-    inputs = {name: read_image(file) for name, file in request.get("inputs", {}).items()}
-    outputs, info = TASKS[request["task"]](
-        inputs, dict(request.get("options", {})), events.progress, cancel
+    task = get_task(request["task"])
+    options = task.resolve_options(dict(request.get("options") or {}))
+    task.check_inputs(request.get("inputs") or {})
+    config = RunConfig.from_dict(request.get("config"))
+    context = RunContext(
+        config=config,
+        progress=events.progress,
+        cancel=cancel,
+        wanted=frozenset(request.get("wanted") or ()),
     )
+    task.check_wanted(context.wanted)
+    config.resolve_device()  # a missing GPU is reported before the inputs are read
+    # Importing torch and MONAI takes seconds: say so before the first real progress report.
+    events.progress(0.0, f"Starting {task.title or task.name}")
+    inputs = read_inputs(task, dict(request.get("inputs") or {}))
+    result = task(inputs, options, context)
     check_cancel(cancel)
-    written = {}
-    for name, image in outputs.items():
-        check_cancel(cancel)
-        written[name] = write_image(image, output_dir / f"{name}{OUTPUT_SUFFIX}", False).name
-    events.send("result", outputs=written, info=info)
+    files = result.write(output_dir, OUTPUT_SUFFIX)
+    events.send("result", task=result.task, folder=str(output_dir), files=files)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from deepmri import __version__
 from deepmri.errors import Cancelled, DeepMRIError
 
-COMMAND_MODULES = ("demo", "models", "segment", "batch", "train")
+# "tasks" adds one sub-command per registered task (segment, segment-classical, ...).
+COMMAND_MODULES = ("demo", "models", "batch", "train", "tasks")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,12 +25,15 @@ def run(arguments: argparse.Namespace) -> int:
     from deepmri.data import load_mni152
     from deepmri.io import write_image
     from deepmri.preview import overlay_png
+    from deepmri.runconfig import RunConfig
     from deepmri.tasks.segment import segment
 
     output: Path = arguments.output
+    config = RunConfig.from_settings(device=arguments.device)
+    config.resolve_device()
     image = load_mni152("t1")
     started = time.perf_counter()
-    result = segment(image, "brain-tissue", device=arguments.device, progress=TextProgress())
+    result = segment(image, "brain-tissue", config=config, progress=TextProgress())
     seconds = time.perf_counter() - started
     files = {
         "input": write_image(image, output / "mni152_t1.nii.gz"),

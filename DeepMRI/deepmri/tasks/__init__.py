@@ -27,6 +27,8 @@ from deepmri.tasks.base import (
 BUILTIN_TASKS: dict[str, str] = {
     "segment": "deepmri.tasks.segment:SegmentTask",
     "segment-classical": "deepmri.tasks.segment_classical:ClassicalSegmentTask",
+    "superresolve": "deepmri.tasks.superresolve:SuperResolveTask",
+    "smooth": "deepmri.tasks.smooth:SmoothTask",
 }
 
 _registered: dict[str, Task] = {}
@@ -54,14 +56,36 @@ def available_tasks() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """The task registered under `name`; a `TaskError` listing the known names otherwise."""
+    """The task registered under `name`; a `TaskError` listing the known names otherwise.
+
+    `name` may also be an import path "package.module:Class" of a task that is not registered
+    in this process (a plug-in, or a test's own task run by the background worker): it is
+    imported and registered under its own name.
+    """
     if name in _registered:
         return _registered[name]
-    if name not in BUILTIN_TASKS:
-        raise TaskError(f"Unknown task '{name}'; known tasks: {', '.join(available_tasks())}.")
-    module_name, _, attribute = BUILTIN_TASKS[name].partition(":")
-    task = getattr(importlib.import_module(module_name), attribute)
-    return register_task(task, replace=True)
+    if name in BUILTIN_TASKS:
+        return register_task(_load(BUILTIN_TASKS[name]), replace=True)
+    if ":" in name:
+        return register_task(_load(name), replace=True)
+    raise TaskError(f"Unknown task '{name}'; known tasks: {', '.join(available_tasks())}.")
+
+
+def task_reference(task: Task) -> str:
+    """The "module:Class" path `get_task` imports `task` by in another process."""
+    cls = type(task)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _load(reference: str) -> Task | type[Task]:
+    module_name, _, attribute = reference.partition(":")
+    try:
+        loaded = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise TaskError(f"Cannot load the task '{reference}': {error}") from error
+    if not (isinstance(loaded, Task) or (isinstance(loaded, type) and issubclass(loaded, Task))):
+        raise TaskError(f"'{reference}' is not a deepmri Task.")
+    return loaded
 
 
 __all__ = [
@@ -77,5 +101,6 @@ __all__ = [
     "available_tasks",
     "get_task",
     "register_task",
+    "task_reference",
     "unregister_task",
 ]

@@ -1,7 +1,9 @@
 """Segmentation task: brain extraction and tissue classes (CSF, GM, WM) on any 3D brain MRI.
 
-Input of any contrast, resolution and orientation goes to the model's grid, through the engine, and
-back to the exact input grid, so the labels overlay the input voxel for voxel.
+Input of any contrast, resolution and orientation goes to the model's grid (the card's
+preprocessing steps, `deepmri.preprocess`), through the engine, and back to the exact input grid,
+so the labels overlay the input voxel for voxel. `SegmentTask` is the declaration every front
+door runs; `segment` is the same work as a plain function.
 """
 
 from __future__ import annotations
@@ -11,12 +13,9 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from deepmri import engine
-from deepmri.errors import InvalidImageError, ModelError
-from deepmri.geometry import reorient, resample_like, resample_to_spacing
-from deepmri.intensity import normalize_percentile
+from deepmri import preprocess
+from deepmri.errors import InvalidImageError
 from deepmri.progress import (
     CancelLike,
     ProgressCallback,
@@ -25,6 +24,17 @@ from deepmri.progress import (
     sub_progress,
 )
 from deepmri.results import SegmentationResult
+from deepmri.runconfig import RunConfig
+from deepmri.tasks.base import (
+    InputSpec,
+    Kind,
+    OptionSpec,
+    OutputSpec,
+    RunContext,
+    Task,
+    TaskResult,
+    slug,
+)
 from deepmri.validation import validate_image
 
 BRAIN_EXTRACTION = "brain-extraction"
@@ -38,11 +48,96 @@ class _ModelOutput:
     card: dict[str, Any]
 
 
+class SegmentTask(Task):
+    """Learned segmentation with a model from the store (brain extraction, tissue classes).
+
+    Examples:
+        >>> from deepmri.tasks import get_task
+        >>> task = get_task("segment")
+        >>> [option.name for option in task.options]
+        ['model']
+        >>> result = task({"image": image}, {"model": "brain-extraction"})  # doctest: +SKIP
+        >>> result.measures  # doctest: +SKIP
+        {'Brain (mL)': 1510.2}
+    """
+
+    name = "segment"
+    title = "Segmentation"
+    help = "segment a brain MRI (brain mask or CSF/GM/WM); labels on the exact input grid"
+    inputs = (InputSpec("image", Kind.VOLUME, "NIfTI/NRRD/MHA file or DICOM folder"),)
+    options = (
+        OptionSpec("model", str, BRAIN_TISSUE, "model id or model folder (default: brain-tissue)"),
+    )
+    outputs = (
+        OutputSpec("labels", Kind.LABELS, "label map on the input grid"),
+        OutputSpec(
+            "probability",
+            Kind.VOLUME,
+            "per-label probability maps (probability-<label>)",
+            optional=True,
+            many=True,
+        ),
+        OutputSpec("uncertainty", Kind.VOLUME, "test-time-flip uncertainty map", optional=True),
+    )
+
+    def run(
+        self, inputs: dict[str, Any], options: dict[str, Any], context: RunContext
+    ) -> TaskResult:
+        result = segment(
+            inputs["image"],
+            options["model"],
+            config=context.config,
+            probabilities=context.wants("probability"),
+            uncertainty=context.wants("uncertainty"),
+            progress=context.progress,
+            cancel=context.cancel,
+            store=context.store,
+        )
+        return segmentation_to_task_result(result, self.name)
+
+
+def segmentation_to_task_result(result: SegmentationResult, task: str = "segment") -> TaskResult:
+    """The one way a `SegmentationResult` becomes files: labels, probability-<slug>, uncertainty."""
+    images = {"labels": result.labels}
+    for name, probability in (result.probabilities or {}).items():
+        images[f"probability-{slug(name)}"] = probability
+    if result.uncertainty is not None:
+        images["uncertainty"] = result.uncertainty
+    measures = {f"{name} (mL)": round(ml, 2) for name, ml in result.volumes_ml().items()}
+    info = {
+        "label_info": result.label_info,
+        "model_id": result.model_id,
+        "provenance": result.provenance,
+    }
+    return TaskResult(task, images=images, measures=measures, info=info)
+
+
+def task_result_to_segmentation(result: TaskResult) -> SegmentationResult:
+    """Back from a `TaskResult` (a background job's files) to a `SegmentationResult`."""
+    label_info = list(result.info.get("label_info", []))
+    by_slug = {slug(label["name"]): label["name"] for label in label_info}
+    probabilities = {
+        by_slug.get(key.removeprefix("probability-"), key.removeprefix("probability-")): image
+        for key, image in result.images.items()
+        if key.startswith("probability-")
+    }
+    return SegmentationResult(
+        labels=result.images["labels"],
+        label_info=label_info,
+        model_id=str(result.info.get("model_id", "")),
+        probabilities=probabilities or None,
+        uncertainty=result.images.get("uncertainty"),
+        provenance=dict(result.info.get("provenance", {})),
+    )
+
+
 def segment(
     image: sitk.Image,
     model: str = BRAIN_TISSUE,
     *,
     device: str | None = None,
+    precision: str | None = None,
+    config: RunConfig | None = None,
     probabilities: bool = False,
     uncertainty: bool = False,
     progress: ProgressCallback | None = None,
@@ -52,7 +147,8 @@ def segment(
     """Segment a 3D brain MRI with a model from the store; the input image is never modified.
 
     For `brain-tissue` the brain is extracted first (the `brain-extraction` model), so whole-head
-    and skull-stripped scans both work.
+    and skull-stripped scans both work. `config` (device, precision, threads) is how the front
+    doors pass the user's choice; `device`/`precision` are shorthands on top of it.
 
     Examples:
         >>> from deepmri.data import load_mni152
@@ -61,12 +157,24 @@ def segment(
         ['CSF', 'Grey matter', 'White matter']
     """
     progress = progress or no_progress
+    config = config or RunConfig()
+    if device is not None or precision is not None:
+        config = RunConfig(
+            device=device if device is not None else config.device,
+            precision=precision if precision is not None else config.precision,
+            threads=config.threads,
+        )
     validate_image(image)
+    torch_device = config.resolve_device()
+    config.apply_threads()
     store = store if store is not None else _default_store()
     working = sitk.Cast(image, sitk.sitkFloat32)
-    torch_device = engine.select_device(device)
     mask = None
-    provenance: dict[str, Any] = {"device": str(torch_device), "models": []}
+    provenance: dict[str, Any] = {
+        "device": str(torch_device),
+        "precision": config.precision,
+        "models": [],
+    }
     main_model = store.get(model)
     # A model trained on skull-stripped brains names the model that extracts the brain first.
     mask_model = main_model.card.preprocessing.get("mask")
@@ -76,6 +184,7 @@ def segment(
             working,
             store.get(mask_model),
             torch_device,
+            config.precision,
             None,
             False,
             sub_progress(progress, 0.0, first_share),
@@ -89,6 +198,7 @@ def segment(
         working,
         main_model,
         torch_device,
+        config.precision,
         mask,
         uncertainty,
         sub_progress(progress, first_share, 0.97),
@@ -118,16 +228,22 @@ def _model_provenance(card: dict[str, Any]) -> dict[str, Any]:
 def _run_model(
     image: sitk.Image,
     model: Any,
-    device: torch.device,
+    device: Any,
+    precision: str,
     mask: np.ndarray | None,
     with_uncertainty: bool,
     progress: ProgressCallback,
     cancel: CancelLike | None,
 ) -> _ModelOutput:
     """Preprocess to the model grid, run the engine, and bring probabilities back to `image`'s grid."""
+    import torch
+
+    from deepmri import engine
+
     card = _card_dict(model)
     progress(0.0, f"Preparing the input for {card['id']}")
-    model_grid = _to_model_grid(image, card, mask)
+    steps = preprocess.from_card(card["preprocessing"], mask)
+    model_grid, trace = steps(image)
     check_cancel(cancel)
     network = model.load_network(device=device)
     inference = card.get("inference", {})
@@ -139,6 +255,7 @@ def _run_model(
         roi_size=inference["patch_size"],
         overlap=inference.get("overlap", 0.5),
         device=device,
+        precision=precision,
         flips=[tuple(flip) for flip in flips],
         postprocess=lambda logits: torch.softmax(logits.float(), dim=1),
         progress=sub_progress(progress, 0.05, 0.9),
@@ -146,51 +263,29 @@ def _run_model(
     )
     check_cancel(cancel)
     progress(0.92, "Resampling the result to the input grid")
-    class_probabilities = _back_to_input_grid(result.prediction[0].numpy(), model_grid, image)
+    class_probabilities = _back_to_input_grid(
+        result.prediction[0].numpy(), model_grid, steps, trace
+    )
     class_probabilities /= np.clip(class_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
     spread = None
     if result.uncertainty is not None:
-        per_class = _back_to_input_grid(result.uncertainty[0].numpy(), model_grid, image)
+        per_class = _back_to_input_grid(result.uncertainty[0].numpy(), model_grid, steps, trace)
         spread = per_class.max(axis=0)
     return _ModelOutput(class_probabilities, spread, card)
 
 
-def _to_model_grid(image: sitk.Image, card: dict[str, Any], mask: np.ndarray | None) -> sitk.Image:
-    """Mask, reorient, resample and normalise the input as the model saw its training data."""
-    preprocessing = card["preprocessing"]
-    if mask is not None:
-        masked = sitk.GetArrayFromImage(image) * mask
-        masked_image = sitk.GetImageFromArray(masked.astype(np.float32))
-        masked_image.CopyInformation(image)
-        image = masked_image
-    oriented = reorient(image, preprocessing.get("orientation", "RAS"))
-    resampled = resample_to_spacing(oriented, preprocessing["spacing"])
-    array = sitk.GetArrayFromImage(resampled)
-    normalization = preprocessing.get("normalization", {"method": "percentile"})
-    if normalization.get("method") != "percentile":
-        raise ModelError(
-            f"Model '{card['id']}' asks for intensity normalisation "
-            f"'{normalization.get('method')}', which this version of DeepMRI does not know."
-        )
-    normalised = normalize_percentile(
-        array,
-        lower=normalization.get("lower", 0.5),
-        upper=normalization.get("upper", 99.5),
-    ).astype(np.float32)
-    output = sitk.GetImageFromArray(normalised)
-    output.CopyInformation(resampled)
-    return output
-
-
 def _back_to_input_grid(
-    channels: np.ndarray, model_grid: sitk.Image, reference: sitk.Image
+    channels: np.ndarray,
+    model_grid: sitk.Image,
+    steps: preprocess.Compose,
+    trace: list[sitk.Image],
 ) -> np.ndarray:
     """Linear resampling of each channel from the model grid to the exact input grid."""
     resampled = []
     for channel in channels:
         channel_image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
         channel_image.CopyInformation(model_grid)
-        resampled.append(sitk.GetArrayFromImage(resample_like(channel_image, reference)))
+        resampled.append(sitk.GetArrayFromImage(steps.invert(channel_image, trace)))
     return np.stack(resampled)
 
 

@@ -6,13 +6,82 @@ They also give a working result on day one where no model is installed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import SimpleITK as sitk
 
-from deepmri.errors import InvalidImageError
+from deepmri.errors import DeepMRIError, InvalidImageError
+from deepmri.progress import check_cancel
+from deepmri.tasks.base import (
+    InputSpec,
+    Kind,
+    OptionSpec,
+    OutputSpec,
+    RunContext,
+    Task,
+    TaskResult,
+)
 from deepmri.validation import validate_image
 
 CSF, GREY_MATTER, WHITE_MATTER = 1, 2, 3
+BRAIN_LABELS = [{"value": 1, "name": "Brain", "color": [0.90, 0.80, 0.50]}]
+TISSUE_LABELS = [
+    {"value": CSF, "name": "CSF", "color": [0.33, 0.55, 0.85]},
+    {"value": GREY_MATTER, "name": "Grey matter", "color": [0.55, 0.55, 0.55]},
+    {"value": WHITE_MATTER, "name": "White matter", "color": [0.95, 0.95, 0.95]},
+]
+
+
+class ClassicalSegmentTask(Task):
+    """Brain mask by thresholding, or CSF/GM/WM by a Gaussian mixture inside it: no weights.
+
+    Examples:
+        >>> from deepmri.tasks import get_task
+        >>> get_task("segment-classical").options[0].choices
+        ('brain-mask', 'tissue')
+    """
+
+    name = "segment-classical"
+    title = "Classical segmentation"
+    help = "brain mask by thresholding or tissue by a Gaussian mixture (no trained weights)"
+    inputs = (InputSpec("image", Kind.VOLUME, "NIfTI/NRRD/MHA file or DICOM folder"),)
+    options = (
+        OptionSpec(
+            "method",
+            str,
+            "brain-mask",
+            "brain-mask (thresholding) or tissue (CSF/GM/WM, T1 contrast)",
+            choices=("brain-mask", "tissue"),
+        ),
+        OptionSpec("erosion_mm", float, 2.0, "erosion that cuts the brain from the scalp (mm)"),
+        OptionSpec("seed", int, 0, "random seed of the Gaussian mixture"),
+    )
+    outputs = (OutputSpec("labels", Kind.LABELS, "label map on the input grid"),)
+
+    def run(
+        self, inputs: dict[str, Any], options: dict[str, Any], context: RunContext
+    ) -> TaskResult:
+        image = inputs["image"]
+        check_cancel(context.cancel)
+        context.progress(0.1, "Thresholding the brain")
+        labels = classical_brain_mask(image, options["erosion_mm"])
+        label_info = BRAIN_LABELS
+        if options["method"] == "tissue":
+            check_cancel(context.cancel)
+            context.progress(0.5, "Fitting a Gaussian mixture to the brain's intensities")
+            labels = classical_tissue(image, labels, options["seed"])
+            label_info = TISSUE_LABELS
+        check_cancel(context.cancel)
+        context.progress(1.0, "Classical segmentation finished")
+        array = sitk.GetArrayViewFromImage(labels)
+        voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+        measures = {
+            f"{label['name']} (mL)": round(float((array == label["value"]).sum()) * voxel_ml, 2)
+            for label in label_info
+        }
+        info = {"label_info": label_info, "model_id": "classical", "provenance": dict(options)}
+        return TaskResult(self.name, images={"labels": labels}, measures=measures, info=info)
 
 
 def classical_brain_mask(image: sitk.Image, erosion_mm: float = 2.0) -> sitk.Image:
@@ -48,7 +117,12 @@ def classical_tissue(image: sitk.Image, brain_mask: sitk.Image, seed: int = 0) -
     contrast the order reverses, and the caller says so with `inverted=True` semantics by passing
     a negated image.
     """
-    from sklearn.mixture import GaussianMixture
+    try:
+        from sklearn.mixture import GaussianMixture
+    except ImportError as error:
+        raise DeepMRIError(
+            "Tissue classes by a Gaussian mixture need scikit-learn: pip install scikit-learn"
+        ) from error
 
     values = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32))
     inside = sitk.GetArrayFromImage(brain_mask) > 0
