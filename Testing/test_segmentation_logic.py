@@ -1,7 +1,7 @@
-"""Segmentation logic on real slicer-core MRML: new nodes, untouched input, ROI, all-or-nothing.
+"""Segmentation through the generic Slicer task logic on real slicer-core MRML.
 
-A real threshold segmenter with the core's signature stands in for trained models; the real
-`deepmri.tasks.segment` runs too where bundled models are installed.
+A real threshold segmenter declared as a task (Testing/threshold_segmenter.py) stands in for trained
+models; the real `segment` task runs too, with a small random UNet and with the bundled models.
 """
 
 from __future__ import annotations
@@ -17,13 +17,22 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 
 from conftest import make_oblique_image  # noqa: E402
-from deepmri.errors import Cancelled, InvalidImageError  # noqa: E402
-from deepmri.progress import CancelToken  # noqa: E402
-from DeepMRILib import jobs, mrml  # noqa: E402
-from DeepMRILib.segmentation import ROIError, SegmentationLogic, crop_box_from_roi  # noqa: E402
-from threshold_segmenter import LABELS, failing_segment, threshold_segment  # noqa: E402
+from deepmri.errors import InvalidImageError  # noqa: E402
+from deepmri.runconfig import RunConfig  # noqa: E402
+from deepmri.tasks import register_task, unregister_task  # noqa: E402
+from DeepMRILib import jobs, mrml, tasklogic  # noqa: E402
+from DeepMRILib.roi import ROIError, crop_box_from_roi  # noqa: E402
+from threshold_segmenter import LABELS, ThresholdSegmentTask, threshold_segment  # noqa: E402
 
 TESTING_DIR = str(Path(__file__).resolve().parent)
+CPU = RunConfig(device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def threshold_task():
+    task = register_task(ThresholdSegmentTask, replace=True)
+    yield task
+    unregister_task(task.name)
 
 
 @pytest.fixture
@@ -59,16 +68,26 @@ def scene_state(scene) -> list[str]:
     return sorted(scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes()))
 
 
+def threshold_logic(scene, **kwargs) -> tasklogic.TaskLogic:
+    # The worker imports the task by "threshold_segmenter:ThresholdSegmentTask" from Testing/.
+    return tasklogic.TaskLogic(
+        "test-threshold", scene, worker_environment={"PYTHONPATH": TESTING_DIR}, **kwargs
+    )
+
+
 def test_run_adds_named_segments_and_leaves_the_input_untouched(scene, input_node):
     before = fingerprint(input_node)
     image = mrml.image_from_volume_node(input_node)
-    logic = SegmentationLogic(scene, segment_function=threshold_segment)
     reported = []
-    outputs = logic.run(
-        input_node, "threshold-model", labelmap=True, progress=lambda f, m: reported.append(f)
+    outputs = threshold_logic(scene).run(
+        input_node,
+        model="threshold-model",
+        labelmap=True,
+        progress=lambda f, m: reported.append(f),
     )
     assert fingerprint(input_node) == before
     segmentation = outputs.segmentation
+    assert segmentation is outputs.nodes["labels"]
     assert segmentation.GetName() == "MRHead segmentation (threshold model)"
     assert segmentation.GetAttribute("DeepMRI.model") == "threshold-model"
     names = [
@@ -76,29 +95,34 @@ def test_run_adds_named_segments_and_leaves_the_input_untouched(scene, input_nod
         for i in range(segmentation.GetSegmentation().GetNumberOfSegments())
     ]
     assert names == ["Dark", "Middle", "Bright"]
+    middle = segmentation.GetSegmentation().GetNthSegment(1)
+    assert "SCT^389082009^Grey matter" in middle.GetTerminology()
     expected = sitk.GetArrayFromImage(threshold_segment(image).labels)
     exported = mrml.labels_from_segmentation_node(segmentation, input_node)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(exported), expected)
-    labelmap = mrml.image_from_volume_node(outputs.labelmap)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(labelmap), expected)
-    np.testing.assert_allclose(labelmap.GetDirection(), image.GetDirection(), atol=1e-9)
-    np.testing.assert_allclose(labelmap.GetOrigin(), image.GetOrigin(), atol=1e-9)
+    labelmap = outputs.labelmaps["labels"]
+    assert labelmap.GetName() == "MRHead labels (threshold model)"
+    labelmap_image = mrml.image_from_volume_node(labelmap)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labelmap_image), expected)
+    np.testing.assert_allclose(labelmap_image.GetDirection(), image.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(labelmap_image.GetOrigin(), image.GetOrigin(), atol=1e-9)
     assert reported == sorted(reported) and reported[-1] == 1.0
+    assert outputs.summary().startswith("Dark (mL) ")
 
 
 def test_probabilities_and_uncertainty_become_volumes_on_the_input_grid(scene, input_node):
-    logic = SegmentationLogic(scene, segment_function=threshold_segment)
-    outputs = logic.run(input_node, "threshold", probabilities=True, uncertainty=True)
-    assert list(outputs.probabilities) == ["Dark", "Middle", "Bright"]
-    middle = outputs.probabilities["Middle"]
+    outputs = threshold_logic(scene).run(input_node, wanted=["probability", "uncertainty"])
+    probabilities = outputs.nodes_of("probability")
+    assert list(probabilities) == ["probability-dark", "probability-middle", "probability-bright"]
+    middle = probabilities["probability-middle"]
     assert middle.GetName() == "MRHead Middle probability (threshold)"
     image = mrml.image_from_volume_node(middle)
     expected = threshold_segment(mrml.image_from_volume_node(input_node), probabilities=True)
     np.testing.assert_allclose(
         sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected.probabilities["Middle"])
     )
-    assert outputs.uncertainty.GetName() == "MRHead uncertainty (threshold)"
-    assert len(outputs.nodes) == 5
+    assert outputs.nodes["uncertainty"].GetName() == "MRHead uncertainty (threshold)"
+    assert len(outputs.all_nodes) == 5
 
 
 def test_roi_segments_only_inside_it_and_pastes_into_the_full_grid(scene, input_node):
@@ -114,9 +138,8 @@ def test_roi_segments_only_inside_it_and_pastes_into_the_full_grid(scene, input_
     roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(axes))
     size = np.array([9, 9, 5]) * np.array(full.GetSpacing())
     roi.SetSize(*size)
-    logic = SegmentationLogic(scene, segment_function=threshold_segment)
-    outputs = logic.run(input_node, "threshold", roi_node=roi, labelmap=True)
-    labels = sitk.GetArrayFromImage(mrml.image_from_volume_node(outputs.labelmap))
+    outputs = threshold_logic(scene).run(input_node, roi_node=roi, labelmap=True)
+    labels = sitk.GetArrayFromImage(mrml.image_from_volume_node(outputs.labelmaps["labels"]))
     inside = np.zeros(labels.shape, dtype=bool)
     inside[6:12, 8:18, 10:20] = True
     assert labels[~inside].max() == 0
@@ -124,7 +147,7 @@ def test_roi_segments_only_inside_it_and_pastes_into_the_full_grid(scene, input_
     np.testing.assert_array_equal(
         labels[inside].reshape(6, 10, 10), sitk.GetArrayFromImage(threshold_segment(part).labels)
     )
-    assert outputs.result.provenance["crop_box"] == [(10, 8, 6), (20, 18, 12)]
+    assert outputs.result.info["crop_box"] == [[10, 8, 6], [20, 18, 12]]
 
 
 def test_roi_outside_the_volume_is_refused_and_adds_nothing(scene, input_node):
@@ -132,77 +155,26 @@ def test_roi_outside_the_volume_is_refused_and_adds_nothing(scene, input_node):
     roi.SetCenter(5000.0, 5000.0, 5000.0)
     roi.SetSize(10.0, 10.0, 10.0)
     before = scene_state(scene)
-    logic = SegmentationLogic(scene, segment_function=threshold_segment)
     with pytest.raises(ROIError, match="does not overlap"):
-        logic.run(input_node, roi_node=roi)
+        threshold_logic(scene).run(input_node, roi_node=roi)
     assert scene_state(scene) == before
 
 
 def test_a_failing_model_leaves_the_scene_unchanged(scene, input_node):
     before, fingerprint_before = scene_state(scene), fingerprint(input_node)
-    logic = SegmentationLogic(scene, segment_function=failing_segment)
     with pytest.raises(InvalidImageError, match="No brain was found"):
-        logic.run(input_node, probabilities=True)
+        threshold_logic(scene).run(input_node, fail=True, wanted=["probability"])
     assert scene_state(scene) == before
     assert fingerprint(input_node) == fingerprint_before
 
 
-def test_cancel_during_the_run_leaves_the_scene_unchanged(scene, input_node):
-    before = scene_state(scene)
-    token = CancelToken()
-
-    def cancel_at_first_report(fraction: float, message: str) -> None:
-        token.cancel()
-
-    logic = SegmentationLogic(scene, segment_function=threshold_segment)
-    with pytest.raises(Cancelled):
-        logic.run(input_node, progress=cancel_at_first_report, cancel=token)
-    assert scene_state(scene) == before
-
-
-def test_a_failure_while_adding_nodes_removes_those_already_added(scene, input_node):
-    def broken_uncertainty(image, model, **options):
-        result = threshold_segment(image, model, **options)
-        result.uncertainty = image[:, :, 0]  # 2D: cannot become a volume node
-        return result
-
-    hierarchy = scene.GetSubjectHierarchyNode()
-    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "Study")
-    hierarchy.CreateItem(study, input_node)
-    before = scene_state(scene)
-    logic = SegmentationLogic(scene, segment_function=broken_uncertainty)
-    with pytest.raises(mrml.MRMLConversionError):
-        logic.run(input_node, probabilities=True, uncertainty=True, labelmap=True)
-    assert scene_state(scene) == before
-    assert hierarchy.GetNumberOfItemChildren(study) == 1
-
-
-def test_outputs_sit_next_to_the_input_in_the_subject_hierarchy(scene, input_node):
-    hierarchy = scene.GetSubjectHierarchyNode()
-    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "Study")
-    hierarchy.CreateItem(study, input_node)
-    outputs = SegmentationLogic(scene, segment_function=threshold_segment).run(
-        input_node, probabilities=True
-    )
-    for node in outputs.nodes:
-        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
-
-
-def background_logic(scene) -> SegmentationLogic:
-    return SegmentationLogic(
-        scene,
-        worker_function="threshold_segmenter:threshold_segment",
-        worker_environment={"PYTHONPATH": TESTING_DIR},
-    )
-
-
 def test_background_run_gives_the_same_nodes_as_the_console_run(scene, input_node):
-    job = background_logic(scene).start(input_node, "threshold", probabilities=True)
+    job = threshold_logic(scene).start(input_node, wanted=["probability"])
     events = []
     while not job.done:
         events.extend(job.poll())
         time.sleep(0.02)
-    outputs = job.finish()
+    outputs = job.result()
     assert job.state == jobs.SUCCEEDED and job.fraction == 1.0
     assert events and events[-1].fraction == 1.0
     assert outputs.segmentation.GetName() == "MRHead segmentation (threshold)"
@@ -211,19 +183,15 @@ def test_background_run_gives_the_same_nodes_as_the_console_run(scene, input_nod
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(expected.labels)
     )
-    assert list(outputs.probabilities) == [label["name"] for label in LABELS]
+    names = [node.GetName() for node in outputs.nodes_of("probability").values()]
+    assert names == [f"MRHead {label['name']} probability (threshold)" for label in LABELS]
 
 
 def test_background_failure_reports_the_model_message_and_adds_nothing(scene, input_node):
-    logic = SegmentationLogic(
-        scene,
-        worker_function="threshold_segmenter:failing_segment",
-        worker_environment={"PYTHONPATH": TESTING_DIR},
-    )
     before = scene_state(scene)
-    job = logic.start(input_node)
+    job = threshold_logic(scene).start(input_node, fail=True)
     with pytest.raises(jobs.JobError, match="No brain was found in the input; is this a brain MRI"):
-        job.finish()
+        job.result()
     assert scene_state(scene) == before
 
 
@@ -245,10 +213,10 @@ def test_bundled_models_through_the_logic_give_the_cores_result(scene, model):
     image = _real_head()
     node = mrml.volume_node_from_image(image, scene, "anatomical")
     before = fingerprint(node)
-    outputs = SegmentationLogic(scene).run(node, model, device="cpu")
+    outputs = tasklogic.TaskLogic("segment", scene).run(node, model=model, config=CPU)
     assert fingerprint(node) == before
     segmentation = outputs.segmentation.GetSegmentation()
-    card_names = [label["name"] for label in outputs.result.label_info]
+    card_names = [label["name"] for label in outputs.result.info["label_info"]]
     assert [
         segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
     ] == card_names
@@ -284,32 +252,25 @@ def test_roi_is_taken_into_the_frame_of_a_transformed_volume(scene, input_node):
     assert crop_box_from_roi(full, roi, input_node) != box_in_place
 
 
-def test_cancelling_a_background_run_adds_nothing_and_removes_its_files(scene, input_node):
-    before = scene_state(scene)
-    job = background_logic(scene).start(input_node, "threshold", probabilities=True)
-    job.cancel()
-    assert job.state == jobs.CANCELLED
-    with pytest.raises(Cancelled):
-        job.finish()
-    assert scene_state(scene) == before
-    assert not job.job.folder.exists()
-
-
 def test_the_scripting_guide_calls_only_functions_and_keywords_that_exist():
     import ast
     import inspect
     import re
 
-    from DeepMRILib import deps, segmentation
+    from deepmri.tasks import get_task
+    from DeepMRILib import deps
 
     guide = (Path(__file__).resolve().parent.parent / "Docs" / "scripting.md").read_text()
     owners = {
         "mrml": [mrml],
         "deps": [deps],
         "jobs": [jobs],
-        "logic": [SegmentationLogic],
-        "job": [segmentation.SegmentationJob, jobs.Job],
+        "logic": [tasklogic.TaskLogic],
+        "job": [jobs.WorkerJob],
+        "outputs": [tasklogic.TaskOutputs],
     }
+    # Keywords a logic call passes on to the task as options (`model="brain-tissue"`).
+    task_options = {option.name for option in get_task("segment").options}
     checked = 0
     for block in re.findall(r"```python\n(.*?)```", guide, re.S):
         for node in ast.walk(ast.parse(block)):
@@ -322,7 +283,10 @@ def test_the_scripting_guide_calls_only_functions_and_keywords_that_exist():
                 getattr(o, node.func.attr) for o in owners[receiver] if hasattr(o, node.func.attr)
             ]
             assert found, f"the guide calls {receiver}.{node.func.attr}, which does not exist"
-            parameters = set(inspect.signature(found[0]).parameters)
+            signature = inspect.signature(found[0])
+            parameters = set(signature.parameters)
+            if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+                parameters |= task_options
             keywords = {k.arg for k in node.keywords if k.arg}
             assert keywords <= parameters, (
                 f"{receiver}.{node.func.attr} takes no {keywords - parameters}"
@@ -380,8 +344,6 @@ def _real_head() -> sitk.Image:
 def test_the_real_segment_task_runs_through_the_logic_with_a_real_model(
     scene, random_unet_model, tmp_path
 ):
-    from functools import partial
-
     from deepmri.models import ModelStore
     from deepmri.settings import Settings
     from deepmri.tasks.segment import segment
@@ -390,9 +352,9 @@ def test_the_real_segment_task_runs_through_the_logic_with_a_real_model(
     image = _real_head()
     node = mrml.volume_node_from_image(image, scene, "anatomical")
     before = fingerprint(node)
-    logic = SegmentationLogic(scene, segment_function=partial(segment, store=store))
+    logic = tasklogic.TaskLogic("segment", scene, store=store)
     outputs = logic.run(
-        node, "test-random-unet", device="cpu", probabilities=True, uncertainty=True
+        node, model="test-random-unet", config=CPU, wanted=["probability", "uncertainty"]
     )
     assert fingerprint(node) == before
     assert outputs.segmentation.GetName() == "anatomical segmentation (test random unet)"
@@ -405,11 +367,13 @@ def test_the_real_segment_task_runs_through_the_logic_with_a_real_model(
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(direct.labels)
     )
-    probability = mrml.image_from_volume_node(outputs.probabilities["Brain"])
+    probability_node = outputs.nodes["probability-brain"]
+    assert probability_node.GetName() == "anatomical Brain probability (test random unet)"
+    probability = mrml.image_from_volume_node(probability_node)
     assert probability.GetSize() == image.GetSize()
     np.testing.assert_allclose(probability.GetDirection(), image.GetDirection())
     np.testing.assert_allclose(probability.GetOrigin(), image.GetOrigin())
-    assert outputs.uncertainty is not None
+    assert "uncertainty" in outputs.nodes
 
 
 def test_the_real_segment_task_runs_in_the_background_worker(scene, random_unet_model, tmp_path):
@@ -419,16 +383,17 @@ def test_the_real_segment_task_runs_in_the_background_worker(scene, random_unet_
 
     image = _real_head()
     node = mrml.volume_node_from_image(image, scene, "anatomical")
-    logic = SegmentationLogic(
+    logic = tasklogic.TaskLogic(
+        "segment",
         scene,
         worker_environment={
             "DEEPMRI_MODEL_PATH": str(random_unet_model),
             "DEEPMRI_HOME": str(tmp_path),
         },
     )
-    job = logic.start(node, "test-random-unet", device="cpu", probabilities=True)
-    job.job.wait()
-    outputs = job.finish()
+    job = logic.start(node, model="test-random-unet", config=CPU, wanted=["probability"])
+    job.wait()
+    outputs = job.result()
     assert job.state == jobs.SUCCEEDED
     store = ModelStore(Settings(home=tmp_path / "home"), extra_paths=(random_unet_model,))
     direct = segment(image, "test-random-unet", device="cpu", store=store)
@@ -436,4 +401,4 @@ def test_the_real_segment_task_runs_in_the_background_worker(scene, random_unet_
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(direct.labels)
     )
-    assert outputs.result.provenance["models"][0]["id"] == "test-random-unet"
+    assert outputs.result.info["provenance"]["models"][0]["id"] == "test-random-unet"

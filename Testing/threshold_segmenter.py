@@ -1,4 +1,4 @@
-"""A small real segmenter with the signature of `deepmri.tasks.segment.segment`, for logic tests.
+"""A small real segmenter with the signature of `deepmri.tasks.segment.segment`, and as a task.
 
 Intensity thresholds (multi-Otsu) give classes 1..3 slice by slice, with progress and cancel checks,
 so Slicer-side logic and the worker can be tested before, and independently of, trained models.
@@ -13,6 +13,16 @@ import SimpleITK as sitk
 from deepmri.errors import InvalidImageError
 from deepmri.progress import check_cancel, no_progress
 from deepmri.results import SegmentationResult
+from deepmri.tasks.base import (
+    InputSpec,
+    Kind,
+    OptionSpec,
+    OutputSpec,
+    RunContext,
+    Task,
+    TaskResult,
+    slug,
+)
 
 LABELS = [
     {"value": 1, "name": "Dark", "color": [0.1, 0.2, 0.8], "terminology": None},
@@ -83,3 +93,44 @@ def failing_segment(image: sitk.Image, model: str = "x", **kwargs: Any) -> Segme
     progress = kwargs.get("progress") or no_progress
     progress(0.5, "Halfway")
     raise InvalidImageError("No brain was found in the input; is this a brain MRI?")
+
+
+class ThresholdSegmentTask(Task):
+    """`threshold_segment` as a task with the segmentation task's declarations and result keys."""
+
+    name = "test-threshold"
+    title = "Threshold segmentation (test)"
+    help = "three intensity classes by percentiles of the foreground"
+    inputs = (InputSpec("image", Kind.VOLUME, "a 3D volume"),)
+    options = (
+        OptionSpec("model", str, "threshold", "a name recorded as the model id"),
+        OptionSpec("fail", bool, False, "fail halfway, as a model does on unusable input"),
+    )
+    outputs = (
+        OutputSpec("labels", Kind.LABELS, "classes 1..3"),
+        OutputSpec("probability", Kind.VOLUME, "per class", optional=True, many=True),
+        OutputSpec("uncertainty", Kind.VOLUME, "near a threshold", optional=True),
+    )
+
+    def run(self, inputs: dict[str, Any], options: dict[str, Any], context: RunContext):
+        function = failing_segment if options["fail"] else threshold_segment
+        result = function(
+            inputs["image"],
+            options["model"],
+            probabilities=context.wants("probability"),
+            uncertainty=context.wants("uncertainty"),
+            progress=context.progress,
+            cancel=context.cancel,
+        )
+        images = {"labels": result.labels}
+        for name, probability in (result.probabilities or {}).items():
+            images[f"probability-{slug(name)}"] = probability
+        if result.uncertainty is not None:
+            images["uncertainty"] = result.uncertainty
+        info = {
+            "label_info": result.label_info,
+            "model_id": result.model_id,
+            "provenance": result.provenance,
+        }
+        measures = {f"{name} (mL)": round(ml, 2) for name, ml in result.volumes_ml().items()}
+        return TaskResult(self.name, images=images, measures=measures, info=info)

@@ -317,7 +317,7 @@ class TaskLogic:
             reference_image = mrml.image_from_volume_node(reference_node)
         try:
             for spec in self.task.outputs:
-                for key, value in result.outputs_of(spec).items():
+                for key, value in _in_label_order(result, spec):
                     name = self.output_title(result, spec, key, reference_node)
                     node = self._write(
                         value, spec, key, name, result, reference_node, reference_image
@@ -415,6 +415,16 @@ def _reference_node(nodes: Mapping[str, Any], specs: Mapping[str, Any]) -> Any |
         if specs[name].kind is Kind.VOLUME and node in candidates:
             return node
     return candidates[0] if candidates else None
+
+
+def _in_label_order(result: TaskResult, spec: OutputSpec) -> list[tuple[str, Any]]:
+    """A declared output's (key, value) pairs; a `many` family in the order of its labels
+    (files read back come sorted by name)."""
+    items = list(result.outputs_of(spec).items())
+    if spec.many:
+        order = [f"{spec.name}-{slug(str(i['name']))}" for i in _label_info(result, "labels")]
+        items.sort(key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+    return items
 
 
 def _worker_task_name(task: Task) -> str:
