@@ -111,3 +111,58 @@ def test_resampling_to_spacing_and_back_lands_on_the_input_grid():
     assert coarse.GetDirection() == image.GetDirection()
     back = resample_like(coarse, image)
     assert same_geometry(back, image)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_cut_short_is_refused_in_one_line(tmp_path, mni_t1, suffix):
+    """ITK alone reads the first 60% of a NIfTI and fills the rest with zeros."""
+    whole = write_image(mni_t1, tmp_path / f"mni{suffix}")
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    assert sitk.ReadImage(str(cut)).GetSize() == mni_t1.GetSize()  # what we guard against
+    with pytest.raises(ImageIOError, match=r"'cut.nii(.gz)?' is damaged: the file ends before"):
+        read_image(cut)
+    read_image(whole)  # the complete file still reads
+    if suffix == ".nii":  # one byte short is still short
+        (tmp_path / "short.nii").write_bytes(data[:-1])
+        with pytest.raises(ImageIOError, match="damaged"):
+            read_image(tmp_path / "short.nii")
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_other_formats_cut_short_are_refused_too(tmp_path, suffix):
+    whole = write_image(make_oblique_image(), tmp_path / f"case{suffix}", compress=False)
+    data = whole.read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(ImageIOError, match=f"cut{suffix}"):
+        read_image(tmp_path / f"cut{suffix}")
+
+
+def test_outputs_are_written_with_the_users_umask(tmp_path):
+    """Atomic writes start from a private temporary file; the result must not stay private."""
+    import os
+
+    from deepmri.io import write_json
+    from deepmri.models import example_card, save_model
+    from deepmri.nets import build_network
+    from deepmri.tasks import TaskResult
+
+    previous = os.umask(0o022)
+    try:
+        image_path = write_image(make_oblique_image(), tmp_path / "image.nii.gz")
+        json_path = write_json({"a": 1}, tmp_path / "note.json")
+        result = TaskResult("t", images={"labels": make_oblique_image()})
+        files = result.write(tmp_path / "result")
+        card = example_card(id="mode-net")
+        network = build_network(card["architecture"]["name"], card["architecture"]["config"])
+        model = save_model(network, card, tmp_path / "models" / "mode-net")
+        os.umask(0o027)
+        group_only = write_image(make_oblique_image(), tmp_path / "group.nrrd")
+    finally:
+        os.umask(previous)
+    written = [image_path, json_path, tmp_path / "result" / files["labels"]]
+    written += [tmp_path / "result" / "result.json", model.weights_path, model.path / "card.json"]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert group_only.stat().st_mode & 0o777 == 0o640

@@ -6,9 +6,12 @@ atomic writes so that a failed run never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import struct
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,10 +37,74 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     try:
         if path.is_dir():
             return read_dicom_series(path)
+        check_complete(path)
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
         raise ImageIOError(f"Could not read '{path}' as an image ({first_line}).") from error
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Refuse a NIfTI file cut short (an interrupted copy or download) before it is read.
+
+    ITK reads a truncated NIfTI without complaint and fills the missing voxels with zeros (NRRD
+    and MetaImage readers fail by themselves). An uncompressed .nii must be as long as its header
+    says (vox_offset + voxels x bytes per voxel); a .nii.gz must decompress to its end-of-stream
+    marker and to that length.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in (".nii", ".nii.gz"):
+        return
+    cut_short = (
+        f"'{path.name}' is damaged: the file ends before the image does (an interrupted copy or "
+        "download?). Copy it again from its source."
+    )
+    if suffix == ".nii":
+        with path.open("rb") as handle:
+            expected = _nifti_length(handle.read(540))
+        if expected is not None and path.stat().st_size < expected:
+            raise ImageIOError(cut_short)
+        return
+    length = 0
+    header = b""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                if len(header) < 540:
+                    header += chunk[: 540 - len(header)]
+                length += len(chunk)
+    except EOFError:
+        raise ImageIOError(cut_short) from None
+    except (OSError, zlib.error) as error:
+        raise ImageIOError(f"Could not read '{path}' as an image ({error}).") from error
+    expected = _nifti_length(header)
+    if expected is not None and length < expected:
+        raise ImageIOError(cut_short)
+
+
+def _nifti_length(header: bytes) -> int | None:
+    """Bytes a NIfTI-1 or NIfTI-2 single file (.nii) needs, from its header; None if not one."""
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    count = int(dims[0])
+    if not 1 <= count <= 7 or bitpix <= 0:
+        return None
+    voxels = 1
+    for size in dims[1 : count + 1]:
+        voxels *= max(int(size), 1)
+    return max(offset, 348) + voxels * bitpix // 8
 
 
 def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
@@ -97,7 +164,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, new_file_mode())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -108,6 +175,12 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def new_file_mode(directory: bool = False) -> int:
+    """The mode the user's umask gives a new file (or folder): for temporaries made private by
+    mkstemp/mkdtemp that become a user's results or models."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def _write_with(path: Path, suffix: str, write: Callable[[str], Any], what: str) -> Path:

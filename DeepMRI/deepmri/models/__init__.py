@@ -3,15 +3,9 @@
 A model is a folder with `card.json` and its weights; see Docs/models.md for the card schema.
 """
 
-from deepmri.models.card import CARD_FILE, Label, ModelCard, example_card
-from deepmri.models.store import (
-    WEIGHTS_FILE,
-    Model,
-    ModelInfo,
-    ModelStore,
-    save_model,
-    sha256_of,
-)
+from deepmri.models.card import CARD_FILE, Label, ModelCard, example_card, sha256_of
+from deepmri.models.model import WEIGHTS_FILE, Model, save_model
+from deepmri.models.store import ModelInfo, ModelStore
 
 __all__ = [
     "CARD_FILE",

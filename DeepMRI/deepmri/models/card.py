@@ -6,6 +6,7 @@ each error names the field that is wrong, so a user completing an imported model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deepmri.errors import CardError
+from deepmri.io import atomic_path
 
 CARD_FILE = "card.json"
 TASKS = (
@@ -230,10 +232,19 @@ class ModelCard:
         path = Path(path)
         if path.is_dir():
             path = path / CARD_FILE
-        temporary = path.with_suffix(".json.partial")
-        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        temporary.replace(path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        with atomic_path(path, ".json") as partial:
+            partial.write_text(text, encoding="utf-8")
         return path
+
+
+def sha256_of(path: str | Path) -> str:
+    """The sha256 a card records for a weights (or config) file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _validate_architecture(data: Any) -> dict[str, Any]:

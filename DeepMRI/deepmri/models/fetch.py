@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from deepmri.errors import CardError, FetchError
-from deepmri.models.card import CARD_FILE, ModelCard
-from deepmri.models.store import Model, sha256_of
+from deepmri.io import new_file_mode
+from deepmri.models.card import CARD_FILE, ModelCard, sha256_of
+from deepmri.models.model import Model
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress, sub_progress
 
 DOWNLOADS_DIR = ".downloads"
@@ -357,6 +358,7 @@ def install_model_folder(
                 "it first, or fetch with force to replace it."
             )
     final = Path(tempfile.mkdtemp(prefix=f".{model.card.id}-", dir=cache))
+    final.chmod(new_file_mode(directory=True))  # mkdtemp makes it private; a model is shared
     for item in folder.iterdir():
         shutil.move(str(item), final / item.name)
     if target.exists():

@@ -16,13 +16,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from deepmri.errors import CardError, ModelError
-from deepmri.models.card import CARD_FILE, ModelCard, example_card
-from deepmri.models.fetch import install_model_folder
-from deepmri.models.store import Model, save_model, sha256_of
+from deepmri.models.card import CARD_FILE, ModelCard, example_card, sha256_of
+from deepmri.models.fetch import extract_archive, install_model_folder
+from deepmri.models.loaders import load_state_dict
+from deepmri.models.model import Model, save_model
 
 FORMATS = ("deepmri", "monai-bundle", "torchscript", "onnx", "state-dict")
 TODO = "TODO"
@@ -158,74 +156,6 @@ def missing_fields(data: Any, prefix: str = "") -> list[str]:
     return [field for name, value in items for field in missing_fields(value, name)]
 
 
-def load_imported_network(model: Model) -> torch.nn.Module:
-    """The network of an imported model (called by `Model.load_network` after verification)."""
-    fmt = model.card.weights_format
-    if fmt == "torchscript":
-        network = _load_torchscript(model.weights_path, model.card.id)
-    elif fmt == "onnx":
-        network = OnnxNetwork(model.weights_path, model.card.id)
-    elif fmt == "monai-bundle":
-        network = _load_bundle_network(model)
-    else:
-        raise ModelError(f"Model '{model.card.id}': unknown weights format '{fmt}'.")
-    if model.card.input.get("axis_order", "zyx") == "xyz":
-        network = AxisOrderAdapter(network)
-    return network
-
-
-class AxisOrderAdapter(torch.nn.Module):
-    """Runs a network trained on (x, y, z) arrays (MONAI's LoadImage) on DeepMRI's (z, y, x)."""
-
-    def __init__(self, network: torch.nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
-        order = (0, 1, *range(tensor.ndim - 1, 1, -1))
-        return self.network(tensor.permute(order)).permute(order)
-
-
-class OnnxNetwork(torch.nn.Module):
-    """An ONNX graph run by onnxruntime behind the torch.nn.Module interface the engine calls."""
-
-    def __init__(self, path: str | os.PathLike, model_id: str = "") -> None:
-        super().__init__()
-        try:
-            import onnxruntime
-        except ImportError:
-            raise ModelError(
-                f"Model '{model_id or Path(path).name}' is an ONNX model and needs onnxruntime, "
-                "which is not installed: run 'pip install onnxruntime' (in Slicer: "
-                "slicer.util.pip_install('onnxruntime')), then try again."
-            ) from None
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        available = onnxruntime.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        try:
-            self.session = onnxruntime.InferenceSession(
-                str(path), sess_options=options, providers=providers
-            )
-        except Exception as error:  # onnxruntime raises its own untyped errors
-            raise ModelError(
-                f"Model '{model_id}': onnxruntime cannot open {Path(path).name} ({error})."
-            ) from error
-        graph_input = self.session.get_inputs()[0]
-        self.input_name = graph_input.name
-        batch = graph_input.shape[0] if graph_input.shape else None
-        self.fixed_batch = batch if isinstance(batch, int) else None
-
-    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
-        array = tensor.detach().float().cpu().numpy()
-        if self.fixed_batch == 1 and array.shape[0] > 1:
-            outputs = [self.session.run(None, {self.input_name: item[None]})[0] for item in array]
-            result = torch.from_numpy(np.concatenate(outputs))
-        else:
-            result = torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-        return result.to(tensor.device)
-
-
 def _card_data(
     source: Path,
     fmt: str,
@@ -350,7 +280,7 @@ def _stage_state_dict(source: Path, folder: Path, data: dict[str, Any]) -> None:
             "(e.g. 'monai.UNet', with its arguments in 'architecture.config')."
         )
     network = build_network(architecture["name"], architecture.get("config") or {})
-    state = _load_state_dict(source, data.get("id", source.name))
+    state = load_state_dict(source, data.get("id", source.name))
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
@@ -359,115 +289,6 @@ def _stage_state_dict(source: Path, folder: Path, data: dict[str, Any]) -> None:
         ) from error
     data.setdefault("weights", {"file": "weights.safetensors", "sha256": "0" * 64, "size": 1})
     save_model(network, data, folder, dtype="float32")
-
-
-def _load_state_dict(path: Path, model_id: str) -> dict[str, torch.Tensor]:
-    """Tensors only (`weights_only=True`): a file that needs arbitrary unpickling is refused."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, ...
-        raise ModelError(
-            f"Model '{model_id}': {path.name} is not a plain state dict that can be loaded "
-            f"safely (weights only) ({str(error).splitlines()[0]})."
-        ) from error
-    for key in ("model", "state_dict", "network"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"Model '{model_id}': {path.name} does not hold a state dict of tensors.")
-    return state
-
-
-def _load_torchscript(path: Path, model_id: str) -> torch.nn.Module:
-    try:
-        return torch.jit.load(str(path), map_location="cpu")
-    except Exception as error:  # torch.jit raises RuntimeError with long C++ traces
-        raise ModelError(
-            f"Model '{model_id}': {path.name} is not a TorchScript file that loads here "
-            f"({str(error).splitlines()[0]})."
-        ) from error
-
-
-def _load_bundle_network(model: Model) -> torch.nn.Module:
-    """Build the bundle's `network_def` with MONAI's ConfigParser, then load its state dict."""
-    from monai.bundle import ConfigParser
-
-    config = model.card.architecture.get("config") or {}
-    config_file = (model.path / config.get("config_file", "configs/inference.json")).resolve()
-    if model.path.resolve() not in config_file.parents:
-        raise ModelError(
-            f"Model '{model.card.id}': card.json field 'architecture.config.config_file' must be "
-            f"a file inside the model folder, got {config.get('config_file')!r}."
-        )
-    expected = config.get("config_sha256")
-    if expected and config_file.is_file() and sha256_of(config_file) != expected:
-        raise ModelError(
-            f"Model '{model.card.id}': {config_file.name} was changed since the import (sha256 "
-            "differs from the card); it will not be used. Import the bundle again."
-        )
-    key = config.get("network_def", "network_def")
-    parser = ConfigParser()
-    try:
-        parser.read_config(str(config_file))
-    except Exception as error:  # MONAI raises ValueError/FileNotFoundError/yaml errors
-        raise ModelError(f"Model '{model.card.id}': cannot read {config_file} ({error}).") from None
-    if key not in parser:
-        raise ModelError(f"Model '{model.card.id}': {config_file.name} has no '{key}' entry.")
-    _refuse_code(parser, key, model.card.id, set())
-    try:
-        network = parser.get_parsed_content(key)
-    except Exception as error:  # whatever the network constructor raises
-        raise ModelError(
-            f"Model '{model.card.id}': MONAI cannot build '{key}' from {config_file.name} ({error})."
-        ) from error
-    try:
-        network.load_state_dict(_load_state_dict(model.weights_path, model.card.id))
-    except RuntimeError as error:
-        raise ModelError(
-            f"Model '{model.card.id}': models/model.pt does not fit '{key}' "
-            f"({str(error).splitlines()[0]})."
-        ) from error
-    return network
-
-
-def _refuse_code(parser: Any, key: str, model_id: str, seen: set[str]) -> None:
-    """Refuse '$' expressions (Python eval) and non-MONAI targets in what builds the network."""
-    if key in seen:
-        return
-    seen.add(key)
-
-    def walk(value: Any, where: str) -> None:
-        if isinstance(value, str):
-            if value.startswith(("$", "%")):
-                raise ModelError(
-                    f"Model '{model_id}': bundle config '{where}' is Python code or a macro "
-                    f"({value[:40]}); DeepMRI builds only plain network definitions."
-                )
-            for reference in re.findall(r"@([\w:#]+)", value):
-                _refuse_code(parser, reference.replace("#", "::"), model_id, seen)
-        elif isinstance(value, dict):
-            for name, item in value.items():
-                walk(item, f"{where}::{name}")
-            target = value.get("_target_")
-            if (
-                isinstance(target, str)
-                and "." in target
-                and not target.startswith(("monai.", "torch.nn."))
-            ):
-                raise ModelError(
-                    f"Model '{model_id}': bundle config '{where}' builds {target}; only MONAI "
-                    "and torch.nn networks are imported."
-                )
-            if value.get("_mode_", "default") != "default":
-                raise ModelError(f"Model '{model_id}': bundle config '{where}' sets _mode_.")
-        elif isinstance(value, list):
-            for index, item in enumerate(value):
-                walk(item, f"{where}::{index}")
-
-    try:
-        walk(parser[key], key)
-    except KeyError:
-        raise ModelError(f"Model '{model_id}': bundle config refers to missing '{key}'.") from None
 
 
 def _fill_from_bundle(card: dict[str, Any], source: Path) -> None:
@@ -610,8 +431,6 @@ def _zip_holds_bundle(path: Path) -> bool:
 
 
 def _unzip_bundle(archive: Path, destination: Path) -> Path:
-    from deepmri.models.fetch import extract_archive
-
     extract_archive(archive, destination)
     for config in sorted(destination.rglob("configs"), key=lambda p: len(p.parts)):
         if (config.parent / "models" / "model.pt").is_file():
