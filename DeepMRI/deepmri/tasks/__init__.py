@@ -29,6 +29,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "segment-classical": "deepmri.tasks.segment_classical:ClassicalSegmentTask",
     "superresolve": "deepmri.tasks.superresolve:SuperResolveTask",
     "smooth": "deepmri.tasks.smooth:SmoothTask",
+    "synthesize": "deepmri.tasks.synthesize:SynthesizeTask",
 }
 
 _registered: dict[str, Task] = {}

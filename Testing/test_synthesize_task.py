@@ -1,0 +1,141 @@
+"""The synthesis task end to end with a small real network: geometry, synthetic labelling, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import make_oblique_image
+from deepmri.errors import Cancelled, ModelError
+from deepmri.geometry import same_geometry
+from deepmri.models import ModelStore, example_card, save_model
+from deepmri.nets import register_architecture
+from deepmri.progress import CancelToken
+from deepmri.settings import Settings
+from deepmri.tasks import RunContext, TaskResult, get_task
+from deepmri.tasks.synthesize import synthesize
+
+
+class Inverter(torch.nn.Module):
+    """A real 1x1x1 convolution computing 1 - x: T1-like contrast in, T2-like out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(-1.0)
+            self.conv.bias.fill_(1.0)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.conv(volume)
+
+
+register_architecture("test.Inverter", Inverter)
+
+
+def inverter_card(model_id: str = "test-t1w-to-t2w", mask: str | None = None) -> dict:
+    card = example_card(
+        id=model_id,
+        task="synthesis",
+        architecture={"name": "test.Inverter", "config": {}},
+        labels=[],
+        output={"contrast": "T2w"},
+    )
+    card["input"] = {"contrasts": ["T1w"], "channels": 1}
+    card["inference"] = {"patch_size": [16, 16, 16], "overlap": 0.25, "flips": [[4]]}
+    card["preprocessing"] = {"spacing": [2.0, 2.0, 2.0], "orientation": "RAS"}
+    if mask:
+        card["preprocessing"]["mask"] = mask
+    return card
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_model(Inverter(), inverter_card(), root / "test-t1w-to-t2w")
+    return ModelStore(Settings(home=root / "home"), extra_paths=(root,))
+
+
+@pytest.fixture
+def brain_like():
+    """A bright sphere with a darker shell inside an oblique, anisotropic grid."""
+    image = make_oblique_image((36, 32, 20), (1.0, 1.2, 2.0))
+    k, j, i = np.meshgrid(*(np.arange(n) for n in (20, 32, 36)), indexing="ij")
+    radius = np.sqrt(((k - 10) * 2.0) ** 2 + ((j - 16) * 1.2) ** 2 + (i - 18) ** 2)
+    values = np.where(radius < 8, 100.0, np.where(radius < 14, 50.0, 0.0)).astype(np.float32)
+    output = sitk.GetImageFromArray(values)
+    output.CopyInformation(image)
+    return output
+
+
+def test_synthetic_output_keeps_input_geometry_and_says_synthetic(store, brain_like):
+    before = sitk.GetArrayFromImage(brain_like).copy()
+    result = get_task("synthesize")(
+        {"image": brain_like},
+        {"target": "T2w", "model": "test-t1w-to-t2w", "skull_stripped": True},
+        RunContext(store=store),
+    )
+    synthetic = result.images["synthetic"]
+    assert same_geometry(synthetic, brain_like)
+    assert synthetic.GetSize() == brain_like.GetSize()
+    assert np.array_equal(sitk.GetArrayFromImage(brain_like), before)  # input untouched
+    assert result.info["synthetic"] is True
+    assert result.info["name_suffix"] == " -> T2w (synthetic)"
+    assert "SYNTHETIC" in result.info["description"]
+    assert "uncertainty" not in result.images
+    values = sitk.GetArrayFromImage(synthetic)
+    inside, shell = before == 100.0, before == 50.0
+    # The inverter's contrast, and nothing outside the brain (the non-zero voxels).
+    assert np.median(values[inside]) < np.median(values[shell])
+    assert values[before == 0].max() == 0.0
+
+
+def test_uncertainty_map_on_request_on_the_same_grid(store, brain_like):
+    result = get_task("synthesize")(
+        {"image": brain_like},
+        {"model": "test-t1w-to-t2w", "uncertainty": True, "skull_stripped": True},
+        RunContext(store=store),
+    )
+    uncertainty = result.images["uncertainty"]
+    assert same_geometry(uncertainty, brain_like)
+    assert sitk.GetArrayFromImage(uncertainty).min() >= 0.0
+
+
+def test_result_is_written_under_a_synthetic_name_and_read_back(store, brain_like, tmp_path):
+    result = get_task("synthesize")(
+        {"image": brain_like},
+        {"model": "test-t1w-to-t2w", "skull_stripped": True},
+        RunContext(store=store, wanted=frozenset({"uncertainty"})),
+    )
+    files = result.write(tmp_path)
+    assert files["synthetic"] == "synthetic.nii.gz" and "uncertainty" in files
+    again = TaskResult.read(tmp_path)
+    assert again.info["name_suffix"] == " -> T2w (synthetic)"
+    assert same_geometry(again.images["synthetic"], brain_like)
+
+
+def test_model_that_makes_another_contrast_is_refused(store, brain_like):
+    with pytest.raises(ModelError, match="not a synthetic FLAIR"):
+        synthesize(brain_like, "FLAIR", "test-t1w-to-t2w", skull_stripped=True, store=store)
+
+
+def test_missing_model_says_where_to_look(store, brain_like):
+    with pytest.raises(ModelError, match="Docs/synthesis.md"):
+        synthesize(brain_like, "FLAIR", skull_stripped=True, store=store)
+
+
+def test_cancel_stops_before_any_output(store, brain_like):
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        synthesize(
+            brain_like, "T2w", "test-t1w-to-t2w", skull_stripped=True, store=store, cancel=token
+        )
+
+
+def test_task_declares_target_choices_and_synthetic_outputs():
+    task = get_task("synthesize")
+    target = next(option for option in task.options if option.name == "target")
+    assert target.choices == ("T2w", "FLAIR", "T1w")
+    assert [output.name for output in task.outputs] == ["synthetic", "uncertainty"]
