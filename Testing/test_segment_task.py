@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import make_oblique_image
-from deepmri.errors import Cancelled, InvalidImageError
-from deepmri.geometry import same_geometry
+from deepmri.errors import Cancelled, InvalidImageError, ModelError
+from deepmri.geometry import resample_to_spacing, same_geometry
 from deepmri.io import read_image, write_image
 from deepmri.models import ModelStore, example_card, save_model
 from deepmri.nets import register_architecture
@@ -205,3 +205,135 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, unet_mode
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("deepmri: error:")
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_a_model_whose_card_asks_for_zscore_runs_native_and_imported(store, tmp_path):
+    """z-score normalisation (MONAI's NormalizeIntensity over non-zero voxels) from the card."""
+    zscore = threshold_card("test-zscore", 2)
+    zscore["preprocessing"]["normalization"] = {"method": "zscore"}
+    network = IntensityThreshold(0.3, 2)
+    save_model(network, zscore, tmp_path / "models" / "test-zscore")
+    scripted = tmp_path / "zscore.pt"
+    torch.jit.script(network).save(str(scripted))
+    imported_card = {key: value for key, value in zscore.items() if key != "weights"}
+    store.import_model(scripted, card=imported_card, model_id="test-zscore-imported")
+    image = blob_image()
+    truth = sitk.GetArrayFromImage(image) > 150
+    native = segment(image, "test-zscore", store=store, device="cpu")
+    imported = segment(image, "test-zscore-imported", store=store, device="cpu")
+    for result in (native, imported):
+        labels = sitk.GetArrayFromImage(result.labels).astype(bool)
+        assert 2 * (labels & truth).sum() / (labels.sum() + truth.sum()) > 0.9
+        assert same_geometry(result.labels, image, tolerance=0.0)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(native.labels), sitk.GetArrayFromImage(imported.labels)
+    )
+
+
+def test_zscore_and_percentile_steps_and_the_inverse_back_to_the_input_grid():
+    from deepmri import preprocess
+
+    image = blob_image()
+    values = sitk.GetArrayFromImage(image)
+    steps = preprocess.from_card(
+        {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "normalization": {"method": "zscore"}}
+    )
+    on_model_grid, trace = steps(image)
+    normalised = sitk.GetArrayFromImage(on_model_grid)
+    assert on_model_grid.GetSpacing() == (1.5, 1.5, 1.5)
+    assert abs(normalised[normalised != 0].mean()) < 1e-3
+    assert abs(normalised[normalised != 0].std() - 1) < 1e-3
+    assert same_geometry(steps.invert(on_model_grid, trace), image, tolerance=0.0)
+    percentile = preprocess.Normalise("percentile", 0.0, 100.0).array(values)
+    assert percentile.min() == 0.0 and percentile.max() == 1.0
+    with pytest.raises(ModelError, match="does not know"):
+        preprocess.from_card({"normalization": {"method": "histogram"}})
+
+
+@pytest.mark.parametrize("name", ["gpu", "GPU", "CUDA", "cuda:1"])
+def test_a_gpu_asked_for_on_a_machine_without_one_gets_one_line_and_exit_2(
+    tmp_path, unet_model_path, capsys, name
+):
+    if torch.cuda.is_available() and name != "cuda:1":
+        pytest.skip("this machine has a CUDA GPU")
+    if torch.cuda.device_count() > 1:
+        pytest.skip("this machine has a cuda:1")
+    from deepmri.cli import main
+
+    write_image(blob_image(), tmp_path / "scan.nrrd")
+    arguments = ["segment", str(tmp_path / "scan.nrrd"), "-o", str(tmp_path / "labels.nii.gz")]
+    assert main([*arguments, "--model", "test-unet", "--device", name]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("deepmri: error: Device") and "CUDA" in error
+    assert len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "labels.nii.gz").exists()
+
+
+def test_the_device_error_has_no_traceback_from_a_fresh_process(tmp_path, unet_model_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    write_image(blob_image(), tmp_path / "scan.nrrd")
+    env = {"DEEPMRI_MODEL_PATH": str(unet_model_path), "DEEPMRI_HOME": str(tmp_path / "home")}
+    done = run_cli(
+        "segment", str(tmp_path / "scan.nrrd"), "-o", str(tmp_path / "l.nii.gz"),
+        "--device", "gpu", env_extra=env,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_output_ending_is_refused_before_the_model_runs(tmp_path, unet_model_path, capsys):
+    from deepmri.cli import main
+
+    write_image(blob_image(), tmp_path / "scan.nrrd")
+    for extra in (["-o", str(tmp_path / "labels.png")],
+                  ["-o", str(tmp_path / "l.nii.gz"), "--uncertainty", str(tmp_path / "u.tiff")]):  # fmt: skip
+        assert main(["segment", str(tmp_path / "scan.nrrd"), "--model", "test-unet", *extra]) == 2
+        captured = capsys.readouterr()
+        assert "file ending" in captured.err and "%]" not in captured.err  # no progress at all
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "scan.nrrd"]
+
+
+@pytest.fixture
+def infer_spy(monkeypatch):
+    """Records the precision engine.infer is called with and the autocast dtype it then uses."""
+    from deepmri import engine
+
+    seen: dict[str, list] = {"precision": [], "dtype": []}
+    real_infer, real_dtype = engine.infer, engine.autocast_dtype
+
+    def infer(*arguments, **keywords):
+        seen["precision"].append(keywords.get("precision"))
+        return real_infer(*arguments, **keywords)
+
+    def autocast_dtype(device, precision):
+        seen["dtype"].append(real_dtype(device, precision))
+        return seen["dtype"][-1]
+
+    monkeypatch.setattr(engine, "infer", infer)
+    monkeypatch.setattr(engine, "autocast_dtype", autocast_dtype)
+    return seen
+
+
+def test_precision_from_the_cli_batch_and_settings_reaches_engine_infer(
+    tmp_path, unet_model_path, monkeypatch, infer_spy, capsys
+):
+    from deepmri.cli import main
+
+    monkeypatch.setenv("DEEPMRI_MODEL_PATH", str(unet_model_path))
+    monkeypatch.setenv("DEEPMRI_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DEEPMRI_PRECISION", raising=False)
+    small = resample_to_spacing(blob_image(), (2.5, 2.5, 2.5))
+    write_image(small, tmp_path / "scan.nrrd")
+    command = ["segment", str(tmp_path / "scan.nrrd"), "--model", "test-unet", "--device", "cpu"]
+    assert main([*command, "-o", str(tmp_path / "a.nii.gz"), "--precision", "bf16"]) == 0
+    assert infer_spy["precision"] == ["bf16"] and infer_spy["dtype"] == [torch.bfloat16]
+    # The Models panel saves the choice as DEEPMRI_PRECISION; the CLI reads it through Settings.
+    monkeypatch.setenv("DEEPMRI_PRECISION", "fp32")
+    assert main([*command, "-o", str(tmp_path / "b.nii.gz")]) == 0
+    assert infer_spy["precision"][-1] == "fp32" and infer_spy["dtype"][-1] is None
+    (tmp_path / "cases.csv").write_text("id,input\nscan,scan.nrrd\n")
+    batch = ["batch", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out"), "--device", "cpu"]
+    assert main([*batch, "--model", "test-unet", "--precision", "bf16"]) == 0
+    assert infer_spy["precision"][-1] == "bf16"
+    capsys.readouterr()

@@ -295,3 +295,22 @@ def test_the_worker_reports_a_bad_request_as_one_error_event(difference_task, pa
     assert process.returncode == 1
     event = json.loads(out.splitlines()[-1])
     assert event["event"] == "error" and "mean, max" in event["message"]
+
+
+class ClashingTask(DifferenceTask):
+    name = "test-clashing"
+    options = (OptionSpec("mask", bool, False, "an option named like an optional output"),)
+
+
+def test_a_task_whose_flags_clash_is_refused_alone_and_the_cli_still_works(
+    difference_task, pair, tmp_path, capsys
+):
+    clashing = register_task(ClashingTask, replace=True)
+    try:
+        command = ["test-clashing", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "x")]
+        assert main(command) == 2
+        assert "--mask for more than one" in capsys.readouterr().err
+        command = ["test-difference", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "y")]
+        assert main(command) == 0
+    finally:
+        unregister_task(clashing.name)

@@ -45,9 +45,48 @@ def _load_or_skip(name: str) -> Any:
         raise
 
 
+def declared_flags(task: Any) -> list[str]:
+    """Every command-line flag the declaration asks for, in order (duplicates included)."""
+    flags = [f"--{_flag(spec.name)}" for spec in task.inputs if spec.optional]
+    for spec in task.options:
+        flags.append(f"--{_flag(spec.name)}")
+        if spec.type is bool:
+            flags.append(f"--no-{_flag(spec.name)}")
+    for spec in task.outputs:
+        if spec.optional:
+            flags.append(f"--{_flag(spec.name)}")
+            if spec.many:
+                flags.append(f"--{_plural(_flag(spec.name))}")
+    return flags + [f"--{name}" for name in GENERIC_FLAGS] + ["-o"]
+
+
 def add_task_command(subparsers: argparse._SubParsersAction, task: Any) -> argparse.ArgumentParser:
-    """Add `deepmri <task.name>` with arguments built from the task's declaration."""
+    """Add `deepmri <task.name>` with arguments built from the task's declaration.
+
+    A declaration whose names collide (an option and an optional output both called
+    "uncertainty", say) gets a sub-command that says so when used, so one task's mistake never
+    breaks the other commands.
+    """
     from deepmri.runconfig import PRECISIONS
+    from deepmri.tasks import TaskError
+
+    flags = declared_flags(task)
+    clashes = sorted({flag for flag in flags if flags.count(flag) > 1})
+    if clashes:
+        parser = subparsers.add_parser(task.name, help=f"{task.help} (unusable: see its --help)")
+        parser.add_argument("ignored", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        message = (
+            f"Task '{task.name}' cannot run from the command line: its declaration uses "
+            f"{', '.join(clashes)} for more than one input, option or output (or a flag the CLI "
+            "owns). Rename one in the task's declaration."
+        )
+
+        def refuse(arguments: argparse.Namespace) -> int:
+            raise TaskError(message)
+
+        parser.set_defaults(handler=refuse)
+        parser.description = message
+        return parser
 
     outputs = ", ".join(
         f"{spec.name}{' (optional)' if spec.optional else ''}: {spec.help}" for spec in task.outputs
@@ -64,8 +103,6 @@ def add_task_command(subparsers: argparse._SubParsersAction, task: Any) -> argpa
         else:
             parser.add_argument(f"input_{spec.name}", type=Path, metavar=spec.name, help=spec.help)
     for spec in task.options:
-        if spec.name in GENERIC_FLAGS:
-            raise ImageIOError(f"Task '{task.name}' declares an option '{spec.name}' the CLI owns.")
         keywords: dict[str, Any] = {"dest": f"option_{spec.name}", "default": spec.default}
         if spec.type is bool:
             keywords["action"] = argparse.BooleanOptionalAction
