@@ -1,17 +1,18 @@
 """DeepMRI Segmentation: the Slicer module that segments a brain MRI into named, coloured segments.
 
-Module metadata, parameter node, widget (binds the .ui, runs a background job), logic (callable from
-the Python console with plain arguments) and the self-test on Slicer's MRHead sample.
+Module metadata, parameter node, widget (binds the .ui, runs a background job) and the self-test on
+Slicer's MRHead sample; the work is DeepMRILib's task logic for the core's "segment" task.
 """
 
 import json
-import logging
 import time
 from typing import Annotated
 
 import qt
 import slicer
-import vtk
+from DeepMRILib.models import SavedSettings
+from DeepMRILib.tasklogic import TASK_ATTRIBUTE, TaskLogic, show_overlay
+from DeepMRILib.widgets import PanelMixin, ParameterNodeLogic, run_self_tests
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -24,10 +25,6 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
-DEFAULT_MODEL = "brain-tissue"
-# Probability and uncertainty volumes carry this attribute so the overlay selector lists only them.
-OVERLAY_ATTRIBUTE = "DeepMRI.overlay"
-POLL_INTERVAL_MS = 200
 
 
 class DeepMRISegmentation(ScriptedLoadableModule):
@@ -73,7 +70,7 @@ class DeepMRISegmentationParameterNode:
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
-    model: str = DEFAULT_MODEL
+    model: str = "brain-tissue"
     roi: vtkMRMLMarkupsROINode
     device: Annotated[str, Choice(DEVICES)] = "auto"
     probabilities: bool = False
@@ -83,436 +80,95 @@ class DeepMRISegmentationParameterNode:
     showOverlay: bool = False
 
 
-class DeepMRISegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DeepMRISegmentationWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the panel to the parameter node and runs segmentation as a background job."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None
-        self._jobStarted = 0.0
-        self._timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepMRISegmentation.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DeepMRISegmentationLogic()
-
+        self.setupPanel("DeepMRISegmentation", DeepMRISegmentationLogic())
+        # Only the maps a segmentation made are offered as overlays.
         self.ui.overlayVolumeSelector.addAttribute(
-            "vtkMRMLScalarVolumeNode", OVERLAY_ATTRIBUTE, "1"
+            "vtkMRMLScalarVolumeNode", TASK_ATTRIBUTE, "segment"
         )
-        self.ui.progressBar.setRange(0, 100)
-        self.ui.progressBar.hide()
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self._pollJob)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
-
-        self._populateModels()
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        self._stopJob()
-        self.removeObservers()
+        self.enter()
 
     def enter(self) -> None:
-        self._populateModels()  # models imported in DeepMRI Models since the last visit
+        self.populateModelMenu("segmentation")  # models imported in DeepMRI Models meanwhile
         self.initializeParameterNode()
 
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(
-                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
-            )
+    def prepareParameterNode(self, parameters) -> None:
+        if not parameters.inputVolume:
+            parameters.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
-    def onSceneStartClose(self, caller, event) -> None:
-        self._stopJob()  # its result would belong to a scene that no longer exists
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume:
-                self._parameterNode.inputVolume = firstVolume
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(
-                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
-            )
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(
-                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
-            )
-            self._onParameterNodeModified()
-
-    def _onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Keep the parts the GUI connector cannot bind in step: model list, Apply state, overlay."""
-        parameters = self._parameterNode
-        if not parameters:
-            return
-        index = self.ui.modelComboBox.findData(parameters.model)
-        if index >= 0 and index != self.ui.modelComboBox.currentIndex:
-            self.ui.modelComboBox.setCurrentIndex(index)
-        self._describeModel(parameters.model)
-        self._updateApplyButton()
-        self.logic.showOverlay(parameters.overlayVolume, parameters.showOverlay)
-
-    def _populateModels(self) -> None:
-        """Fill the model menu from the store; signals blocked so the saved choice is kept."""
-        combo = self.ui.modelComboBox
-        wasBlocked = combo.blockSignals(True)
-        try:
-            combo.clear()
-            try:
-                models = self.logic.availableModels()
-            except Exception as error:  # the panel must open even when the store cannot be read
-                logging.exception("DeepMRI: listing models failed")
-                self._models = {}
-                self.ui.modelDescriptionLabel.text = _(
-                    "Models could not be listed: {error}"
-                ).format(error=error)
-                return
-            self._models = {model["id"]: model for model in models}
-            for model in models:
-                combo.addItem(model["title"], model["id"])
-            if not models:
-                self.ui.modelDescriptionLabel.text = _(
-                    "No segmentation model is installed. Add one in the DeepMRI Models module."
-                )
-        finally:
-            combo.blockSignals(wasBlocked)
-        if self._parameterNode:
-            self._onParameterNodeModified()
-
-    def onModelChosen(self, index: int) -> None:
-        modelId = self.ui.modelComboBox.itemData(index)
-        if self._parameterNode and modelId and modelId != self._parameterNode.model:
-            self._parameterNode.model = modelId
-
-    def _describeModel(self, modelId: str) -> None:
-        model = getattr(self, "_models", {}).get(modelId)
-        if model:
-            self.ui.modelDescriptionLabel.text = model["description"]
-
-    def _updateApplyButton(self) -> None:
-        parameters = self._parameterNode
-        running = self._job is not None
+    def updatePanel(self) -> None:
+        """Model menu, Apply/Cancel state and overlay, which the GUI connector does not bind."""
+        parameters = self.parameters
         ready = bool(parameters and parameters.inputVolume and parameters.model)
-        self.ui.applyButton.enabled = ready and not running
-        self.ui.cancelButton.enabled = running
-        self.ui.applyButton.toolTip = (
+        self.enableStart(
+            self.ui.applyButton,
+            ready,
             _("Segment the input volume with the selected model.")
             if ready
-            else _("Select an input volume and a model first.")
+            else _("Select an input volume and a model first."),
         )
+        if parameters:
+            self.showModel(parameters.model)
+            show_overlay(slicer.mrmlScene, parameters.overlayVolume, parameters.showOverlay)
 
     def onApplyButton(self) -> None:
-        parameters = self._parameterNode
-        self._showStatus(_("Starting..."))
-        try:
-            self.logic.ensureDependencies()
-            self._job = self.logic.start(
-                parameters.inputVolume,
-                parameters.model,
-                device=parameters.device,
-                roi=parameters.roi,
-                probabilities=parameters.probabilities,
-                uncertainty=parameters.uncertainty,
-            )
-        except Exception as error:
-            self._showError(error)
-            return
-        self._jobStarted = time.monotonic()
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.show()
-        self._updateApplyButton()
-        self._timer.start()
-
-    def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._showStatus(_("Cancelling..."))
-            self._job.cancel()  # the next poll sees it ended and reports it
-
-    def _pollJob(self) -> None:
-        job = self._job
-        if job is None:
-            self._timer.stop()
-            return
-        for event in job.poll():
-            self.ui.progressBar.value = int(round(100 * event.fraction))
-            self._showStatus(event.message)
-        if not job.done:
-            return
-        self._timer.stop()
-        self._job = None
-        self.ui.progressBar.hide()
-        self._updateApplyButton()
-        self._finishJob(job)
-
-    def _finishJob(self, job) -> None:
-        from deepmri.errors import Cancelled
-
-        parameters = self._parameterNode
-        try:
-            with slicer.util.WaitCursor():
-                outputs = job.finish()
-        except Cancelled:
-            self._showStatus(_("Cancelled. Nothing was added to the scene."))
-            return
-        except Exception as error:
-            self._showError(error)
-            return
-        inputVolume = parameters.inputVolume if parameters else None
-        self.logic.showResults(outputs, inputVolume)
-        if parameters:
-            parameters.outputSegmentation = outputs.segmentation
-            overlays = [*outputs.probabilities.values(), outputs.uncertainty]
-            parameters.overlayVolume = next((node for node in overlays if node is not None), None)
-        seconds = time.monotonic() - self._jobStarted
-        self._showStatus(
-            _("Done in {seconds:.0f} s. {volumes}").format(
-                seconds=seconds, volumes=self.logic.volumesText(outputs)
-            )
+        parameters = self.parameters
+        self.startTask(
+            parameters.inputVolume,
+            self._showResult,
+            what=_("Segmentation failed"),
+            device=parameters.device,
+            model=parameters.model,
+            roi_node=parameters.roi,
+            wanted=[name for name in ("probability", "uncertainty") if getattr(parameters, name)],
         )
 
-    def _stopJob(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-        if self._job is not None:
-            self._job.cancel()
-            self._job = None
-
-    def _showStatus(self, text: str) -> None:
-        self.ui.statusLabel.setStyleSheet("")
-        self.ui.statusLabel.text = text
-
-    def _showError(self, error: Exception) -> None:
-        """The error in the panel, in red, with what to do next; the full trace goes to the log."""
-        logging.error("DeepMRI segmentation failed: %s", error, exc_info=error)
-        self.ui.statusLabel.setStyleSheet("color: #c0392b")
-        self.ui.statusLabel.text = _("Segmentation failed: {error}").format(error=error)
+    def _showResult(self, outputs) -> None:
+        self.parameters.outputSegmentation = outputs.segmentation
+        maps = [node for key, node in outputs.nodes.items() if key != "labels"]
+        self.parameters.overlayVolume = maps[0] if maps else None
+        self.showDone(outputs)
 
 
-class DeepMRISegmentationLogic(ScriptedLoadableModuleLogic):
-    """Segmentation for the panel and the Python console; computation lives in DeepMRILib and deepmri.
+class DeepMRISegmentationLogic(ParameterNodeLogic, ScriptedLoadableModuleLogic, TaskLogic):
+    """The "segment" task on MRML nodes (DeepMRILib.tasklogic.TaskLogic) with the saved settings.
 
     Examples (Python console):
         logic = slicer.util.getModuleLogic("DeepMRISegmentation")
-        outputs = logic.process(slicer.util.getNode("MRHead"), "brain-tissue")
+        outputs = logic.run(getNode("MRHead"), model="brain-tissue", wanted=["probability"])
         outputs.segmentation  # the new vtkMRMLSegmentationNode
     """
 
+    parameterNodeClass = DeepMRISegmentationParameterNode
+
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-
-    def getParameterNode(self):
-        return DeepMRISegmentationParameterNode(super().getParameterNode())
-
-    @staticmethod
-    def _library():
-        from DeepMRILib.segmentation import SegmentationLogic
-
-        return SegmentationLogic()
-
-    @staticmethod
-    def _device(device):
-        """None for "auto": the worker then uses the default device of the DeepMRI Models settings
-        (DEEPMRI_DEVICE), else the best one available."""
-        return None if device in (None, "", "auto") else device
-
-    def ensureDependencies(self) -> None:
-        """Install PyTorch, MONAI and the rest on first use, after asking (DeepMRILib.deps)."""
-        from DeepMRILib import deps
-
-        deps.ensure_dependencies()
-
-    def availableModels(self) -> list:
-        """Segmentation models the store finds: id, a title for the menu, a one-line description."""
-        from deepmri.models import ModelStore
-
-        models = []
-        for info in ModelStore().list():
-            if info.card is None or info.status != "ok" or info.task != "segmentation":
-                continue  # listed with the reason in the DeepMRI Models module
-            card = info.card.to_dict()
-            labels = ", ".join(label["name"] for label in card.get("labels", []))
-            title = card["id"].replace("-", " ").capitalize()
-            description = _("{title} v{version}: {labels}. Licence: {license}.").format(
-                title=title,
-                version=card.get("version", "?"),
-                labels=labels or _("no labels listed"),
-                license=card.get("license", _("not stated")),
-            )
-            models.append({"id": card["id"], "title": title, "description": description})
-        return sorted(models, key=lambda model: (model["id"] != DEFAULT_MODEL, model["id"]))
-
-    def process(
-        self,
-        inputVolume,
-        model: str = DEFAULT_MODEL,
-        device: str = "auto",
-        roi=None,
-        probabilities: bool = False,
-        uncertainty: bool = False,
-        show: bool = True,
-        progress=None,
-        cancel=None,
-    ):
-        """Segment in this process and wait (console and tests); returns DeepMRILib's outputs."""
-        if not inputVolume:
-            raise ValueError("Select an input volume to segment.")
-        startTime = time.time()
-        outputs = self._library().run(
-            inputVolume,
-            model,
-            device=self._device(device),
-            roi_node=roi,
-            probabilities=probabilities,
-            uncertainty=uncertainty,
-            progress=progress,
-            cancel=cancel,
-        )
-        self.markOverlays(outputs)
-        if show:
-            self.showResults(outputs, inputVolume)
-        logging.info(f"DeepMRI segmentation finished in {time.time() - startTime:.1f} s")
-        return outputs
-
-    def start(
-        self,
-        inputVolume,
-        model: str = DEFAULT_MODEL,
-        device: str = "auto",
-        roi=None,
-        probabilities: bool = False,
-        uncertainty: bool = False,
-    ):
-        """Start segmenting in a background process; returns a job to poll, cancel and finish."""
-        if not inputVolume:
-            raise ValueError("Select an input volume to segment.")
-        job = self._library().start(
-            inputVolume,
-            model,
-            device=self._device(device),
-            roi_node=roi,
-            probabilities=probabilities,
-            uncertainty=uncertainty,
-        )
-        return _MarkingJob(job, self)
-
-    @staticmethod
-    def markOverlays(outputs) -> None:
-        for node in [*outputs.probabilities.values(), outputs.uncertainty]:
-            if node is not None:
-                node.SetAttribute(OVERLAY_ATTRIBUTE, "1")
-
-    @staticmethod
-    def showResults(outputs, inputVolume) -> None:
-        """Segmentation over the input in the slice views and as a 3D surface; camera on it."""
-        segmentation = outputs.segmentation
-        segmentation.CreateClosedSurfaceRepresentation()
-        display = segmentation.GetDisplayNode()
-        if display is not None:
-            display.SetVisibility(True)
-            display.SetVisibility2DFill(True)
-            display.SetVisibility2DOutline(True)
-        if inputVolume is not None:
-            slicer.util.setSliceViewerLayers(background=inputVolume, fit=False)
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None and layoutManager.threeDViewCount > 0:
-            threeDView = layoutManager.threeDWidget(0).threeDView()
-            threeDView.resetFocalPoint()
-
-    @staticmethod
-    def showOverlay(volume, show: bool) -> None:
-        """A probability (0..1, Iron colours) or uncertainty map half-transparent over the input."""
-        if not show or volume is None:
-            compositeNodes = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
-            if any(node.GetForegroundVolumeID() for node in compositeNodes):
-                shown = {node.GetForegroundVolumeID() for node in compositeNodes}
-                ours = [slicer.mrmlScene.GetNodeByID(nodeId) for nodeId in shown if nodeId]
-                if all(node is not None and node.GetAttribute(OVERLAY_ATTRIBUTE) for node in ours):
-                    slicer.util.setSliceViewerLayers(foreground=None)
-            return
-        display = volume.GetDisplayNode()
-        if display is not None:
-            display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
-            if "probability" in volume.GetName():
-                display.AutoWindowLevelOff()
-                display.SetWindowLevelMinMax(0.0, 1.0)
-        slicer.util.setSliceViewerLayers(foreground=volume, foregroundOpacity=0.5, fit=False)
-
-    @staticmethod
-    def volumesText(outputs) -> str:
-        """'CSF 312 mL, Grey matter 702 mL, ...' from the result labels, for the status line."""
-        volumes = outputs.result.volumes_ml()
-        return ", ".join(f"{name} {millilitres:.0f} mL" for name, millilitres in volumes.items())
-
-
-class _MarkingJob:
-    """DeepMRILib's job, whose finish() also tags the overlay maps for the overlay selector."""
-
-    def __init__(self, job, logic: DeepMRISegmentationLogic) -> None:
-        self._job = job
-        self._logic = logic
-
-    def poll(self):
-        return self._job.poll()
-
-    @property
-    def done(self) -> bool:
-        return self._job.done
-
-    @property
-    def state(self) -> str:
-        return self._job.state
-
-    def cancel(self) -> None:
-        self._job.cancel()
-
-    def finish(self):
-        outputs = self._job.finish()
-        self._logic.markOverlays(outputs)
-        return outputs
+        TaskLogic.__init__(self, "segment")
+        SavedSettings.load(qt.QSettings()).apply_to(self)
 
 
 class DeepMRISegmentationTest(ScriptedLoadableModuleTest):
-    """Self-test on Slicer's MRHead: logic, ROI, cancel, and the panel's Apply button."""
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
+    """Self-test on Slicer's MRHead: logic, ROI, and the panel's Apply and Cancel buttons."""
 
     def runTest(self):
-        for test in (
-            self.test_mrhead_brain_tissue_gives_named_segments_on_the_input_grid,
-            self.test_roi_limits_the_segmented_region,
-            self.test_cancel_stops_the_job_and_leaves_the_scene_unchanged,
-            self.test_apply_button_runs_in_the_background_and_shows_the_result,
-        ):
-            self.setUp()
-            test()
+        run_self_tests(
+            self,
+            (
+                self.test_mrhead_brain_tissue_gives_named_segments_on_the_input_grid,
+                self.test_roi_limits_the_segmented_region,
+                self.test_apply_and_cancel_run_in_the_background,
+            ),
+        )
 
     def _mrhead(self):
         import SampleData
@@ -520,20 +176,17 @@ class DeepMRISegmentationTest(ScriptedLoadableModuleTest):
         return SampleData.downloadSample("MRHead")
 
     def test_mrhead_brain_tissue_gives_named_segments_on_the_input_grid(self):
-        self.delayDisplay("Segmenting MRHead into brain tissue classes")
         volume = self._mrhead()
         before = volume.GetImageData().GetScalarRange()
         logic = DeepMRISegmentationLogic()
-        outputs = logic.process(volume, "brain-tissue", probabilities=True)
+        outputs = logic.run(volume, model="brain-tissue", wanted=["probability"], show=True)
         segmentation = outputs.segmentation.GetSegmentation()
-        names = [
-            segmentation.GetNthSegment(i).GetName()
-            for i in range(segmentation.GetNumberOfSegments())
-        ]
-        self.assertEqual(names, [info["name"] for info in outputs.result.label_info])
-        self.assertEqual(len(names), 3)
-        self.assertEqual(outputs.result.labels.GetSize(), volume.GetImageData().GetDimensions())
-        self.assertEqual(len(outputs.probabilities), 3)
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(3)]
+        self.assertEqual(names, [info["name"] for info in outputs.result.info["label_info"]])
+        self.assertEqual(
+            outputs.result.images["labels"].GetSize(), volume.GetImageData().GetDimensions()
+        )
+        self.assertEqual(len(outputs.nodes_of("probability")), 3)
         self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))
         hierarchy = slicer.mrmlScene.GetSubjectHierarchyNode()
         self.assertEqual(
@@ -542,68 +195,48 @@ class DeepMRISegmentationTest(ScriptedLoadableModuleTest):
         )
         self.assertEqual(volume.GetImageData().GetScalarRange(), before)  # input untouched
         provenance = json.loads(outputs.segmentation.GetAttribute("DeepMRI.provenance"))
-        self.assertIn("models", provenance)
-        self.delayDisplay("Brain tissue segmentation passed: " + logic.volumesText(outputs))
+        self.assertIn("models", provenance["provenance"])
+        self.delayDisplay("Brain tissue segmentation passed: " + outputs.summary())
 
     def test_roi_limits_the_segmented_region(self):
         import numpy as np
         import SimpleITK as sitk
 
-        self.delayDisplay("Segmenting inside an ROI")
         volume = self._mrhead()
         bounds = [0.0] * 6
         volume.GetRASBounds(bounds)
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "test ROI")
-        centre = [(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)]
-        roi.SetCenter(centre)
+        roi.SetCenter([(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)])
         roi.SetSize([(bounds[2 * i + 1] - bounds[2 * i]) / 2 for i in range(3)])
-        outputs = DeepMRISegmentationLogic().process(
-            volume, "brain-extraction", roi=roi, show=False
-        )
-        labels = sitk.GetArrayFromImage(outputs.result.labels)
-        self.assertGreater(int(labels.sum()), 0)
-        start, stop = outputs.result.provenance["crop_box"]
+        outputs = DeepMRISegmentationLogic().run(volume, model="brain-extraction", roi_node=roi)
+        labels = sitk.GetArrayFromImage(outputs.result.images["labels"])
+        (i0, j0, k0), (i1, j1, k1) = outputs.result.info["crop_box"]
         inside = np.zeros(labels.shape, dtype=bool)
-        inside[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]] = True
+        inside[k0:k1, j0:j1, i0:i1] = True
+        self.assertGreater(int(labels.sum()), 0)
         self.assertEqual(int(labels[~inside].sum()), 0)
         self.assertLess(inside.sum(), labels.size)
-        self.delayDisplay("ROI test passed")
 
-    def test_cancel_stops_the_job_and_leaves_the_scene_unchanged(self):
-        from deepmri.errors import Cancelled
-
-        self.delayDisplay("Cancelling a running segmentation")
+    def test_apply_and_cancel_run_in_the_background(self):
         volume = self._mrhead()
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        job = DeepMRISegmentationLogic().start(volume, "brain-tissue", uncertainty=True)
-        deadline = time.monotonic() + 120
-        while not job.poll() and not job.done and time.monotonic() < deadline:
-            time.sleep(0.1)  # wait for the worker to report, so the cancel hits real work
-        cancelStarted = time.monotonic()
-        job.cancel()
-        self.assertTrue(job.done)
-        self.assertLess(time.monotonic() - cancelStarted, 10.0)
-        with self.assertRaises(Cancelled):
-            job.finish()
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
-        self.delayDisplay("Cancel test passed")
-
-    def test_apply_button_runs_in_the_background_and_shows_the_result(self):
-        self.delayDisplay("Clicking Apply in the module panel")
-        volume = self._mrhead()
         slicer.util.selectModule("DeepMRISegmentation")
         widget = slicer.util.getModuleWidget("DeepMRISegmentation")
-        widget._parameterNode.inputVolume = volume
-        widget._parameterNode.model = "brain-extraction"
-        widget.ui.applyButton.click()
-        self.assertTrue(widget.ui.cancelButton.enabled, widget.ui.statusLabel.text)
-        deadline = time.monotonic() + 600
-        while widget._job is not None and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.05)
-        segmentation = widget._parameterNode.outputSegmentation
-        self.assertIsNotNone(segmentation, widget.ui.statusLabel.text)
+        widget.parameters.inputVolume = volume
+        widget.parameters.model = "brain-extraction"
+        for cancel in (True, False):
+            widget.ui.applyButton.click()
+            self.assertTrue(widget.ui.cancelButton.enabled, widget.ui.statusLabel.text)
+            deadline = time.monotonic() + 600
+            while widget.runner.running and time.monotonic() < deadline:
+                if cancel and widget.ui.progressBar.value > 0:
+                    widget.ui.cancelButton.click()
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            if cancel:
+                self.assertIn("Cancelled", widget.ui.statusLabel.text)
+                self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.assertIsNotNone(widget.parameters.outputSegmentation, widget.ui.statusLabel.text)
         self.assertIn("Done", widget.ui.statusLabel.text)
         compositeNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
         self.assertEqual(compositeNode.GetBackgroundVolumeID(), volume.GetID())
-        self.delayDisplay("Panel test passed")

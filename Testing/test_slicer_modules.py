@@ -171,45 +171,62 @@ def test_self_test_runs_every_test_method_it_defines(module):
     assert "SampleData" in ast.unparse(test_class)  # tests run on Slicer's sample data
 
 
-def _library_calls(module: str, receiver: str) -> dict[str, set[str]]:
-    """Methods the module calls on `receiver()` (e.g. `self._library().run(...)`) and their keywords."""
-    calls: dict[str, set[str]] = {}
-    for node in ast.walk(_tree(module)):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and isinstance(node.func.value, ast.Call)
-            and ast.unparse(node.func.value.func) == receiver
-        ):
-            calls.setdefault(node.func.attr, set()).update(k.arg for k in node.keywords if k.arg)
-    return calls
+LIBRARY = MODULE_DIR / "DeepMRILib"
+# The DeepMRILib class each module's Logic is a thin subclass of.
+LIBRARY_LOGIC = {
+    "DeepMRISegmentation": ("DeepMRILib.tasklogic", "TaskLogic"),
+    "DeepMRIModels": ("DeepMRILib.models", "ModelsLogic"),
+}
+MAX_MODULE_LINES = 250
+MAX_LOGIC_LINES = 20
 
 
-def _assert_calls_fit(calls: dict[str, set[str]], owner: type) -> None:
+def _library_logic(module: str) -> type:
+    module_name, class_name = LIBRARY_LOGIC[module]
+    return getattr(pytest.importorskip(module_name), class_name)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_file_is_short_and_its_logic_is_a_thin_subclass_of_the_library(module):
+    assert len(_source(module).splitlines()) < MAX_MODULE_LINES
+    logic = _classes(_tree(module))[f"{module}Logic"]
+    assert logic.end_lineno - logic.lineno + 1 < MAX_LOGIC_LINES
+    assert LIBRARY_LOGIC[module][1] in [ast.unparse(base) for base in logic.bases]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_widgets_the_shared_panel_code_uses_exist_in_every_ui_file(module):
+    shared = (LIBRARY / "widgets.py").read_text(encoding="utf-8")
+    setup = shared[shared.index("def setupPanel") : shared.index("def parameters")]
+    used = set(re.findall(r"self\.ui\.(\w+)", setup))
+    assert {"progressBar", "statusLabel", "cancelButton"} <= used
+    assert used <= _widget_names(_ui(module))
+
+
+def _keywords_of_calls(tree: ast.AST, name: str) -> set[str] | None:
+    keywords = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == name:
+            keywords = (keywords or set()) | {k.arg for k in node.keywords if k.arg}
+    return keywords
+
+
+def test_segmentation_panel_starts_the_task_with_arguments_the_logic_accepts():
     import inspect
 
-    assert calls
-    for method, keywords in calls.items():
-        assert hasattr(owner, method), f"{owner.__name__} has no method {method}"
-        parameters = set(inspect.signature(getattr(owner, method)).parameters)
-        assert keywords <= parameters, f"{owner.__name__}.{method} takes no {keywords - parameters}"
+    from deepmri.tasks import get_task
 
-
-def test_segmentation_module_calls_deepmrilib_with_arguments_it_accepts():
-    segmentation = pytest.importorskip("DeepMRILib.segmentation")
-    deps = pytest.importorskip("DeepMRILib.deps")
-    _assert_calls_fit(
-        _library_calls("DeepMRISegmentation", "self._library"), segmentation.SegmentationLogic
+    tasklogic = pytest.importorskip("DeepMRILib.tasklogic")
+    widgets = pytest.importorskip("DeepMRILib.widgets")
+    keywords = _keywords_of_calls(_tree("DeepMRISegmentation"), "self.startTask")
+    assert keywords, "the panel starts no task"
+    accepted = set(inspect.signature(widgets.PanelMixin.startTask).parameters)
+    accepted |= set(inspect.signature(tasklogic.TaskLogic.start).parameters)
+    accepted |= {option.name for option in get_task("segment").options}
+    assert keywords <= accepted, keywords - accepted
+    assert {"poll", "cancel", "result", "done", "state"} <= set(
+        dir(pytest.importorskip("DeepMRILib.jobs").WorkerJob)
     )
-    assert callable(deps.ensure_dependencies)
-    assert {"poll", "cancel", "finish", "done"} <= set(dir(segmentation.SegmentationJob))
-
-
-def test_models_module_calls_the_model_store_with_arguments_it_accepts():
-    models = pytest.importorskip("deepmri.models")
-    if not hasattr(models, "ModelStore"):
-        pytest.skip("deepmri.models.ModelStore is not written yet")
-    _assert_calls_fit(_library_calls("DeepMRIModels", "self.store"), models.ModelStore)
 
 
 def _methods(class_node: ast.ClassDef) -> set[str]:
@@ -218,16 +235,18 @@ def _methods(class_node: ast.ClassDef) -> set[str]:
 
 @pytest.mark.parametrize("module", MODULES)
 def test_widget_calls_only_logic_methods_and_slots_that_exist(module):
+    widgets = pytest.importorskip("DeepMRILib.widgets")
     classes = _classes(_tree(module))
     widget = classes[f"{module}Widget"]
     logic_methods = _methods(classes[f"{module}Logic"]) | {"getParameterNode"}
-    widget_methods = _methods(widget)
+    logic_methods |= set(dir(_library_logic(module))) | {"saved"}
+    widget_methods = _methods(widget) | set(dir(widgets.PanelMixin))
     called_on_logic = {
         node.attr
         for node in ast.walk(widget)
         if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self.logic"
     }
-    assert called_on_logic and called_on_logic <= logic_methods, called_on_logic - logic_methods
+    assert called_on_logic <= logic_methods, called_on_logic - logic_methods
     slots = {
         ast.unparse(node.args[-1]).removeprefix("self.")
         for node in ast.walk(widget)
@@ -240,14 +259,6 @@ def test_widget_calls_only_logic_methods_and_slots_that_exist(module):
     assert slots and slots <= widget_methods, slots - widget_methods
 
 
-def _function_call_keywords(module: str, name: str) -> set[str] | None:
-    keywords = None
-    for node in ast.walk(_tree(module)):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == name:
-            keywords = (keywords or set()) | {k.arg for k in node.keywords if k.arg}
-    return keywords
-
-
 @pytest.mark.parametrize(
     ("module_name", "function", "called_as"),
     [
@@ -255,14 +266,15 @@ def _function_call_keywords(module: str, name: str) -> set[str] | None:
         ("deepmri.models.importers", "import_model", "importers.import_model"),
     ],
 )
-def test_models_module_calls_fetch_and_import_with_arguments_they_accept(
+def test_models_library_calls_fetch_and_import_with_arguments_they_accept(
     module_name, function, called_as
 ):
     import importlib
     import inspect
 
-    keywords = _function_call_keywords("DeepMRIModels", called_as)
-    assert keywords is not None, f"DeepMRIModels.py does not call {called_as}"
+    tree = ast.parse((LIBRARY / "models.py").read_text(encoding="utf-8"))
+    keywords = _keywords_of_calls(tree, called_as)
+    assert keywords is not None, f"DeepMRILib/models.py does not call {called_as}"
     try:
         target = getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError):

@@ -351,3 +351,32 @@ def test_an_roi_crops_every_input_on_the_grid_and_pastes_the_outputs_back(scene,
     )
     np.testing.assert_allclose(difference[inside], expected[inside], atol=1e-4)
     assert not difference[~inside].any()
+
+
+class SavedChoices(dict):
+    """Slicer's QSettings as far as DeepMRI uses it (value/setValue), in memory."""
+
+    def value(self, key):
+        return self.get(key)
+
+    def setValue(self, key, value):
+        self[key] = value
+
+
+def test_the_precision_chosen_in_the_models_panel_reaches_the_task(scene, pair):
+    from DeepMRILib.models import SavedSettings
+
+    fixed, moving = pair
+    settings = SavedChoices()
+    # What the Models panel does when the user picks bf16 and 3 threads ...
+    assert SavedSettings(device="cpu", precision="bf16", threads=3).save(settings)
+    # ... and what the Segmentation panel and its console logic do before a run.
+    logic = SavedSettings.load(settings).apply_to(background_logic(scene))
+    outputs = logic.run({"fixed": fixed, "moving": moving})
+    assert outputs.result.info["config"] == {"device": "cpu", "precision": "bf16", "threads": 3}
+    job = logic.start({"fixed": fixed, "moving": moving})
+    assert json.loads((job.folder / "request.json").read_text())["config"]["precision"] == "bf16"
+    assert job.result().result.info["config"]["precision"] == "bf16"
+    # A device chosen in a module panel overrides the saved one; "auto" there does not.
+    assert SavedSettings.load(settings).run_config(device="auto").device == "cpu"
+    assert SavedSettings.load(settings).run_config(device="cuda").device == "cuda"

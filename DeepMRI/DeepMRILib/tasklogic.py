@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import slicer
+from deepmri import roi as core_roi
 from deepmri.errors import DeepMRIError
 from deepmri.progress import (
     CancelLike,
@@ -104,19 +105,12 @@ def _label_info(result: TaskResult, key: str) -> list[dict[str, Any]]:
 class _Crop:
     """What an ROI did to the inputs, so the outputs can be put back on the full grid."""
 
-    box: roi.CropBox
+    box: core_roi.CropBox
     full_grid: sitk.Image
     cropped_grid: sitk.Image
 
     def paste_back(self, result: TaskResult) -> TaskResult:
-        images = {
-            key: roi.paste(image, self.full_grid, self.box)
-            if roi.same_grid(image, self.cropped_grid)
-            else image
-            for key, image in result.images.items()
-        }
-        info = {**result.info, "crop_box": [list(self.box.start), list(self.box.stop)]}
-        return TaskResult(result.task, images, dict(result.transforms), result.measures, info)
+        return core_roi.paste_result(result, self.full_grid, self.box, self.cropped_grid)
 
 
 class TaskLogic:
@@ -124,7 +118,8 @@ class TaskLogic:
 
     `scene` defaults to `slicer.mrmlScene`. `store` (a `deepmri.models.ModelStore`) is where
     in-process runs find models; `worker_environment` is added to a background worker's
-    environment (extra model folders, a PYTHONPATH for plug-in tasks).
+    environment (extra model folders, a PYTHONPATH for plug-in tasks); `config` is the
+    `RunConfig` of runs that are given none.
     """
 
     def __init__(
@@ -139,6 +134,7 @@ class TaskLogic:
         self._scene = scene
         self.store = store
         self.worker_environment = dict(worker_environment or {})
+        self.config: RunConfig | None = None
 
     @property
     def scene(self) -> Any:
@@ -149,8 +145,9 @@ class TaskLogic:
         return get_task(self.task_name)
 
     def default_config(self) -> RunConfig:
-        """The run configuration when none is given (the Slicer modules use the saved settings)."""
-        return RunConfig()
+        """The run configuration when a run is given none: `self.config` (the Slicer modules set
+        it from the saved settings, `SavedSettings.apply_to`), else auto device and precision."""
+        return self.config or RunConfig()
 
     # --- running ----------------------------------------------------------------------------
 
@@ -273,10 +270,10 @@ class TaskLogic:
         if not isinstance(full, sitk.Image):
             raise roi.ROIError("A region of interest needs a volume node as the first input.")
         box = roi.crop_box_from_roi(full, roi_node, reference)
-        cropped = roi.crop(full, box)
+        cropped = core_roi.crop(full, box)
         for name, value in values.items():
-            if isinstance(value, sitk.Image) and roi.same_grid(value, full):
-                values[name] = roi.crop(value, box)
+            if isinstance(value, sitk.Image) and core_roi.same_grid(value, full):
+                values[name] = core_roi.crop(value, box)
         return values, _Crop(box, full, cropped)
 
     @staticmethod
@@ -404,6 +401,27 @@ class TaskLogic:
         if background is not None and background.IsA("vtkMRMLVolumeNode"):
             for composite in _nodes_of_class(self.scene, "vtkMRMLSliceCompositeNode"):
                 composite.SetBackgroundVolumeID(background.GetID())
+
+
+def show_overlay(scene: Any, volume: Any | None, show: bool = True) -> None:
+    """A map (a probability 0..1, an uncertainty) half-transparent over the slice views, Iron
+    colours; with `show` False, a DeepMRI map shown there is taken away (others are kept)."""
+    composites = _nodes_of_class(scene, "vtkMRMLSliceCompositeNode")
+    if not show or volume is None:
+        for composite in composites:
+            shown = scene.GetNodeByID(composite.GetForegroundVolumeID() or "")
+            if shown is not None and shown.GetAttribute(TASK_ATTRIBUTE):
+                composite.SetForegroundVolumeID(None)
+        return
+    display = volume.GetDisplayNode()
+    if display is not None:
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
+        if "probability" in (volume.GetAttribute(OUTPUT_ATTRIBUTE) or ""):
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(0.0, 1.0)
+    for composite in composites:
+        composite.SetForegroundVolumeID(volume.GetID())
+        composite.SetForegroundOpacity(0.5)
 
 
 def _reference_node(nodes: Mapping[str, Any], specs: Mapping[str, Any]) -> Any | None:
