@@ -40,7 +40,8 @@ class SynthesisRecipe:
     spacing: float = 2.0
     grid_shape: tuple[int, int, int] = (80, 96, 80)
     patch: tuple[int, int, int] = (64, 64, 64)
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    discriminator_channels: int = 8
     strides: tuple[int, ...] = (2, 2, 2)
     learning_rate: float = 1e-3
     adversarial_weight: float = 0.01  # pix2pix's lambda = 100 for L1 against 1 for the GAN term
@@ -97,7 +98,12 @@ def build_networks(recipe: SynthesisRecipe) -> tuple[torch.nn.Module, torch.nn.M
 
     generator = UNet(**recipe.network_config())
     discriminator = PatchDiscriminator(
-        spatial_dims=3, num_layers_d=3, channels=16, in_channels=2, out_channels=1, norm="INSTANCE"
+        spatial_dims=3,
+        num_layers_d=3,
+        channels=recipe.discriminator_channels,
+        in_channels=2,
+        out_channels=1,
+        norm="INSTANCE",
     )
     return generator, discriminator
 
