@@ -337,3 +337,38 @@ def test_precision_from_the_cli_batch_and_settings_reaches_engine_infer(
     assert main([*batch, "--model", "test-unet", "--precision", "bf16"]) == 0
     assert infer_spy["precision"][-1] == "bf16"
     capsys.readouterr()
+
+
+def test_threads_from_the_cli_are_applied_to_torch(tmp_path, unet_model_path, monkeypatch):
+    from deepmri.cli import main
+
+    monkeypatch.setenv("DEEPMRI_MODEL_PATH", str(unet_model_path))
+    write_image(resample_to_spacing(blob_image(), (2.5, 2.5, 2.5)), tmp_path / "scan.nrrd")
+    before = torch.get_num_threads()
+    try:
+        command = ["segment", str(tmp_path / "scan.nrrd"), "-o", str(tmp_path / "l.nii.gz")]
+        assert main([*command, "--model", "test-unet", "--device", "cpu", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_classical_tissue_through_the_task_gives_three_classes_inside_the_brain(mni_t1):
+    pytest.importorskip("sklearn")
+    from deepmri.tasks import get_task
+
+    image = resample_to_spacing(mni_t1, (3.0, 3.0, 3.0))
+    task = get_task("segment-classical")
+    mask = task({"image": image}, {"method": "brain-mask"})
+    tissue = task({"image": image}, {"method": "tissue"})
+    brain = sitk.GetArrayFromImage(mask.images["labels"]) > 0
+    labels = sitk.GetArrayFromImage(tissue.images["labels"])
+    assert set(np.unique(labels)) == {0, 1, 2, 3} and not labels[~brain].any()
+    assert same_geometry(tissue.images["labels"], image, tolerance=0.0)
+    assert 1000 < mask.measures["Brain (mL)"] < 2200  # MNI152 brain: ~1.5-1.9 L
+    assert sum(tissue.measures.values()) == pytest.approx(mask.measures["Brain (mL)"], abs=0.1)
+    assert [label["name"] for label in tissue.info["label_info"]] == [
+        "CSF",
+        "Grey matter",
+        "White matter",
+    ]
