@@ -306,3 +306,50 @@ def test_a_volume_hardened_under_the_grid_node_equals_itk_resampling_inside_the_
             k_j_i = index[::-1]
             assert abs(in_slicer[k_j_i] - in_itk[k_j_i]) < 1e-3, index
     assert compared > 1000
+
+
+def test_transform_nodes_read_back_as_the_itk_transforms_they_were_made_from(scene):
+    affine = _affine()
+    node = mrml.linear_transform_node_from_affine(affine, scene, "affine")
+    back = mrml.transform_from_node(node)
+    field = _displacement_field()
+    grid = mrml.grid_transform_node_from_displacement(field, scene, "warp")
+    warp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    warp_back = mrml.transform_from_node(grid)
+    assert isinstance(warp_back, sitk.DisplacementFieldTransform)
+    assert_same_geometry(warp_back.GetDisplacementField(), field, tolerance=1e-9)
+    for point in POINTS_LPS:
+        np.testing.assert_allclose(back.TransformPoint(point), affine.TransformPoint(point))
+    for index in [(0, 0, 0), (5, 4, 3), (2.5, 3.25, 1.75)]:
+        point = field.TransformContinuousIndexToPhysicalPoint(index)
+        np.testing.assert_allclose(warp_back.TransformPoint(point), warp.TransformPoint(point))
+    with pytest.raises(mrml.MRMLConversionError, match="linear or grid transform"):
+        mrml.transform_from_node(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+
+
+def test_any_itk_transform_becomes_the_node_kind_that_holds_it(scene, oblique_image):
+    translation = sitk.TranslationTransform(3, (3.0, -4.0, 5.0))
+    linear = mrml.transform_node_from_transform(sitk.Transform(translation), scene, "shift")
+    assert linear.IsA("vtkMRMLLinearTransformNode")
+    np.testing.assert_allclose(
+        mrml.transform_from_node(linear).TransformPoint((1.0, 2.0, 3.0)), (4.0, -2.0, 8.0)
+    )
+    field = _displacement_field()
+    warp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    assert mrml.transform_node_from_transform(warp, scene, "warp").IsA("vtkMRMLGridTransformNode")
+    # A B-spline has no grid of its own: it is sampled on the reference image's grid.
+    bspline = sitk.BSplineTransformInitializer(oblique_image, [2, 2, 2])
+    bspline.SetParameters(np.linspace(-1, 1, len(bspline.GetParameters())).tolist())
+    node = mrml.transform_node_from_transform(
+        bspline, scene, "bspline", reference_image=oblique_image
+    )
+    sampled = mrml.transform_from_node(node).GetDisplacementField()
+    assert_same_geometry(sampled, oblique_image, tolerance=1e-9)
+    point = oblique_image.TransformContinuousIndexToPhysicalPoint((10.0, 9.0, 6.0))
+    np.testing.assert_allclose(
+        mrml.transform_from_node(node).TransformPoint(point),
+        bspline.TransformPoint(point),
+        atol=1e-6,
+    )
+    with pytest.raises(mrml.MRMLConversionError, match="no image grid"):
+        mrml.transform_node_from_transform(bspline, scene, "bspline")

@@ -468,7 +468,7 @@ def _displacement_from_grid_node(node: Any) -> sitk.Image:
             f"The transform '{node.GetName()}' holds no displacement grid from its parent; "
             "convert it to a grid transform in the Transforms module first."
         )
-    grid = grid_transform.GetDisplacementGridData()
+    grid = grid_transform.GetDisplacementGrid()
     from vtk.util import numpy_support
 
     size = grid.GetDimensions()
