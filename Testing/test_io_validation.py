@@ -114,7 +114,7 @@ def test_resampling_to_spacing_and_back_lands_on_the_input_grid():
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-def test_a_nifti_cut_short_is_refused_in_one_line(tmp_path, mni_t1, suffix):
+def test_a_nifti_cut_short_is_refused_in_one_line(tmp_path, mni_t1, suffix, capsys):
     """ITK alone reads the first 60% of a NIfTI and fills the rest with zeros."""
     whole = write_image(mni_t1, tmp_path / f"mni{suffix}")
     data = whole.read_bytes()
@@ -124,6 +124,12 @@ def test_a_nifti_cut_short_is_refused_in_one_line(tmp_path, mni_t1, suffix):
     with pytest.raises(ImageIOError, match=r"'cut.nii(.gz)?' is damaged: the file ends before"):
         read_image(cut)
     read_image(whole)  # the complete file still reads
+    from deepmri.cli import main
+
+    assert main(["segment-classical", str(cut), "-o", str(tmp_path / "mask.nii.gz")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("deepmri: error:") and "damaged" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "mask.nii.gz").exists()
     if suffix == ".nii":  # one byte short is still short
         (tmp_path / "short.nii").write_bytes(data[:-1])
         with pytest.raises(ImageIOError, match="damaged"):
