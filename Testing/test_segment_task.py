@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -178,10 +179,17 @@ def test_cli_writes_labels_on_the_input_grid(tmp_path, unet_model_path):
     env = {"DEEPMRI_MODEL_PATH": str(unet_model_path), "DEEPMRI_HOME": str(tmp_path / "home")}
     done = run_cli(
         "segment", str(tmp_path / "scan.nrrd"), "-o", str(tmp_path / "labels.nii.gz"),
-        "--model", "test-unet", "--device", "cpu", env_extra=env,
+        "--model", "test-unet", "--device", "cpu", "--probabilities", str(tmp_path / "probs"),
+        "--uncertainty", str(tmp_path / "std.nrrd"), env_extra=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert same_geometry(read_image(tmp_path / "labels.nii.gz"), image, tolerance=1e-5)
+    # The flags the README and the docs use keep working, with the one naming scheme.
+    assert [p.name for p in (tmp_path / "probs").iterdir()] == ["probability-foreground.nii.gz"]
+    for path in (tmp_path / "probs" / "probability-foreground.nii.gz", tmp_path / "std.nrrd"):
+        assert same_geometry(read_image(path), image, tolerance=1e-5)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["model"] == "test-unet" and "Foreground (mL)" in summary["measures"]
 
 
 @pytest.mark.parametrize("kind", ["4d", "missing", "nan"])
