@@ -134,9 +134,10 @@ class DeepMRISegmentationWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObs
         )
 
     def _showResult(self, outputs) -> None:
-        self.parameters.outputSegmentation = outputs.segmentation
-        maps = [node for key, node in outputs.nodes.items() if key != "labels"]
-        self.parameters.overlayVolume = maps[0] if maps else None
+        if self.parameters:
+            self.parameters.outputSegmentation = outputs.segmentation
+            maps = [node for key, node in outputs.nodes.items() if key != "labels"]
+            self.parameters.overlayVolume = maps[0] if maps else None
         self.showDone(outputs)
 
 

@@ -214,7 +214,8 @@ class PanelMixin:
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self.setParameterNode(None)
+        # As the template: the panel stops following the node but keeps it (a job may finish).
+        self._release()
 
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
         self.runner.stop()  # its result would belong to a scene that no longer exists
@@ -235,18 +236,27 @@ class PanelMixin:
     def setParameterNode(self, parameters: Any) -> None:
         import vtk
 
-        if self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(
-                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
-            )
-        self._parameterNode, self._parameterNodeGuiTag = parameters, None
+        self._release()
+        self._parameterNode = parameters
         if parameters is not None:
             self._parameterNodeGuiTag = parameters.connectGui(self.ui)
             self.addObserver(
                 parameters, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
             )
             self.updatePanel()
+
+    def _release(self) -> None:
+        """Disconnect the widgets from the parameter node and stop observing it."""
+        import vtk
+
+        if self._parameterNode is None:
+            return
+        if self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+        self.removeObserver(
+            self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
+        )
 
     def _onParameterNodeModified(self, caller: Any = None, event: Any = None) -> None:
         if self._parameterNode is not None:
