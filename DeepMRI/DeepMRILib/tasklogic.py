@@ -15,6 +15,7 @@ Examples (Slicer's Python console):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,14 +71,20 @@ class TaskOutputs:
         return {k: n for k, n in self.nodes.items() if k == output or k.startswith(output + "-")}
 
     def summary(self) -> str:
-        """The result's measures as one line ("CSF 312 mL, Grey matter 702 mL"), for a status."""
+        """The result's measures as one line ("CSF 312 mL, Grey matter 702 mL"), for a status.
+
+        A unit in brackets at the end of a measure's name ("CSF (mL)") goes after its value.
+        """
         measures = dict(self.result.measures)
         if not measures:
-            measures = {name: f"{ml:.0f} mL" for name, ml in label_volumes_ml(self.result).items()}
-        return ", ".join(
-            f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
-            for name, value in measures.items()
-        )
+            measures = {f"{name} (mL)": ml for name, ml in label_volumes_ml(self.result).items()}
+        parts = []
+        for name, value in measures.items():
+            unit = re.fullmatch(r"(.*) \((.+)\)", name)
+            name, unit = (unit.group(1), " " + unit.group(2)) if unit else (name, "")
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            parts.append(f"{name} {shown}{unit}")
+        return ", ".join(parts)
 
 
 def label_volumes_ml(result: TaskResult, key: str = "labels") -> dict[str, float]:

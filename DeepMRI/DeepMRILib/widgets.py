@@ -346,7 +346,7 @@ class PanelMixin:
         self.ui.cancelButton.enabled = self.runner.running
 
     def showDone(self, outputs: Any) -> None:
-        """ "Done in 12 s. CSF (mL) 312, ..." from a finished run's measures."""
+        """ "Done in 12 s. CSF 312 mL, ..." from a finished run's measures."""
         self.showStatus(f"Done in {self.runner.elapsed_s:.0f} s. {outputs.summary()}")
 
     def act(self, what: str, action: Callable[[], str | None]) -> None:
