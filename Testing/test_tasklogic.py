@@ -380,3 +380,28 @@ def test_the_precision_chosen_in_the_models_panel_reaches_the_task(scene, pair):
     # A device chosen in a module panel overrides the saved one; "auto" there does not.
     assert SavedSettings.load(settings).run_config(device="auto").device == "cpu"
     assert SavedSettings.load(settings).run_config(device="cuda").device == "cuda"
+
+
+class InvertTask(Task):
+    """A synthetic-contrast stand-in: the inverted input, labelled synthetic as a real task does."""
+
+    name = "test-invert"
+    inputs = (InputSpec("image", Kind.VOLUME, "a volume"),)
+    outputs = (OutputSpec("synthetic", Kind.VOLUME, "the SYNTHETIC inverted contrast"),)
+
+    def run(self, inputs, options, context):
+        synthetic = sitk.InvertIntensity(inputs["image"], 100.0)
+        info = {"name_suffix": " -> inverted (synthetic)", "description": "SYNTHETIC: computed."}
+        return TaskResult(self.name, images={"synthetic": synthetic}, info=info)
+
+
+def test_a_synthetic_output_is_named_and_described_as_the_task_says(scene, pair):
+    fixed, _ = pair
+    register_task(InvertTask, replace=True)
+    try:
+        outputs = tasklogic.TaskLogic("test-invert", scene).run(fixed)
+    finally:
+        unregister_task("test-invert")
+    node = outputs.nodes["synthetic"]
+    assert node.GetName() == "T1 -> inverted (synthetic)"
+    assert node.GetDescription() == "SYNTHETIC: computed."

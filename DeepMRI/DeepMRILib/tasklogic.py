@@ -363,6 +363,8 @@ class TaskLogic:
         return mrml.volume_node_from_image(value, scene, name, reference_node=reference_node)
 
     def _tag(self, node: Any, result: TaskResult, key: str) -> None:
+        if key == self.task.outputs[0].name and result.info.get("description"):
+            node.SetDescription(str(result.info["description"]))  # "SYNTHETIC T2w: ..."
         node.SetAttribute(TASK_ATTRIBUTE, self.task_name)
         node.SetAttribute(OUTPUT_ATTRIBUTE, key)
         if result.info.get("model_id"):
@@ -374,7 +376,11 @@ class TaskLogic:
         self, result: TaskResult, spec: OutputSpec, key: str, reference_node: Any
     ) -> str:
         """A node name from the input and the output: "MRHead segmentation (brain tissue)",
-        "MRHead Grey matter probability (brain tissue)", "T1 synthetic (t1 to t2)"."""
+        "MRHead Grey matter probability (brain tissue)"; a task's own `info["name_suffix"]`
+        names its main (first) output: "T1 -> T2w (synthetic)"."""
+        if spec is self.task.outputs[0] and result.info.get("name_suffix"):
+            base = reference_node.GetName() if reference_node is not None else "DeepMRI"
+            return f"{base}{result.info['name_suffix']}"
         if spec.many:
             part = key[len(spec.name) + 1 :]
             names = {slug(str(i["name"])): str(i["name"]) for i in _label_info(result, "labels")}
