@@ -27,6 +27,7 @@ from deepmri.tasks.base import (
 BUILTIN_TASKS: dict[str, str] = {
     "segment": "deepmri.tasks.segment:SegmentTask",
     "segment-classical": "deepmri.tasks.segment_classical:ClassicalSegmentTask",
+    "register": "deepmri.tasks.register:RegisterTask",
     "superresolve": "deepmri.tasks.superresolve:SuperResolveTask",
     "smooth": "deepmri.tasks.smooth:SmoothTask",
     "synthesize": "deepmri.tasks.synthesize:SynthesizeTask",
