@@ -178,3 +178,18 @@ def test_lesion_is_a_10_mm_sphere_in_white_matter_with_its_own_contrast():
     for contrast, sign in (("T1w", -1), ("T2w", 1), ("FLAIR", 1)):
         difference = subject.images[contrast][core].mean() - subject.images[contrast][shell].mean()
         assert np.sign(difference) == sign, contrast
+
+
+@pytest.mark.parametrize("contrast", ["T1w", "T2w"])
+def test_sampled_input_protocols_keep_their_weighting_for_every_subject(contrast):
+    from deepmri.simulate import WEIGHTING_ORDER, subject_tissues
+
+    order = WEIGHTING_ORDER[contrast]
+    kinds = set()
+    for seed in range(200):
+        params = sample_subject(seed, (contrast,), grid=SMALL)
+        sequence = Sequence(**params.sequences[contrast])
+        kinds.add((params.field_strength, sequence.kind))
+        values = signal(sequence, subject_tissues(params))
+        assert values[order[0]] > values[order[1]] > values[order[2]], (seed, sequence)
+    assert len(kinds) >= 2  # both field strengths (and for T1w, MPRAGE and spoiled GRE)

@@ -387,11 +387,19 @@ def sample_subject(
     rng = np.random.default_rng(seed)
     grid = grid or Grid()
     field_strength = 3.0 if rng.random() < 0.6 else 1.5
-    scale = {
-        name: np.exp(rng.normal(0.0, [0.05, 0.05, 0.02])).tolist()
-        for name in (*TISSUE_CLASSES, LESION)
-    }
-    sequences = {name: sample_input_sequence(name, rng).to_dict() for name in inputs}
+    for _ in range(20):  # a subject whose jitter leaves no protocol its weighting is redrawn
+        scale = {
+            name: np.exp(rng.normal(0.0, [0.05, 0.05, 0.02])).tolist()
+            for name in (*TISSUE_CLASSES, LESION)
+        }
+        tissues = _jittered(TISSUES[field_strength], scale)
+        try:
+            sequences = {name: _weighted_sequence(name, tissues, rng).to_dict() for name in inputs}
+            break
+        except SimulationError:
+            continue
+    else:
+        raise SimulationError(f"Subject {seed}: no protocol gives the asked weighting.")
     lesion_spec = None
     if lesion:
         lesion_spec = {"centre_fraction": rng.uniform(0.0, 1.0), "radius_mm": 5.0}
@@ -411,12 +419,38 @@ def sample_subject(
     )
 
 
+# What makes a protocol "T1-weighted" etc.: the pure-tissue order it must give, with a margin.
+WEIGHTING_ORDER = {"T1w": ("wm", "gm", "csf"), "T2w": ("csf", "gm", "wm")}
+WEIGHTING_MARGIN = 1.05
+
+
+def _weighted_sequence(name: str, tissues: dict[str, Tissue], rng) -> Sequence:
+    """A sampled protocol that gives its weighting's tissue order for this subject.
+
+    With the 1.5 T table (GM/WM T1 ratio 1.27) a long-TI MPRAGE can make GM as bright as WM
+    (proton density wins); sites tune such protocols away, so the sampler redraws them.
+    """
+    order = WEIGHTING_ORDER.get(name)
+    for _ in range(200):
+        sequence = sample_input_sequence(name, rng)
+        if order is None:
+            return sequence
+        values = signal(sequence, {key: tissues[key] for key in order})
+        ranked = [values[key] for key in order]
+        if all(a > WEIGHTING_MARGIN * b for a, b in zip(ranked[:-1], ranked[1:], strict=True)):
+            return sequence
+    raise SimulationError(f"No sampled {name} protocol gives {' > '.join(order)} here.")
+
+
 def subject_tissues(params: SubjectParameters) -> dict[str, Tissue]:
     """The subject's relaxation times: the literature table times its jitter."""
-    table = TISSUES[params.field_strength]
+    return _jittered(TISSUES[params.field_strength], params.tissue_scale)
+
+
+def _jittered(table: dict[str, Tissue], scale: dict[str, list[float]]) -> dict[str, Tissue]:
     tissues = {}
     for name, tissue in table.items():
-        t1, t2, pd = params.tissue_scale[name]
+        t1, t2, pd = scale[name]
         tissues[name] = replace(
             tissue,
             t1=tissue.t1 * t1,
