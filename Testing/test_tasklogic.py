@@ -405,3 +405,51 @@ def test_a_synthetic_output_is_named_and_described_as_the_task_says(scene, pair)
     node = outputs.nodes["synthetic"]
     assert node.GetName() == "T1 -> inverted (synthetic)"
     assert node.GetDescription() == "SYNTHETIC: computed."
+
+
+class MaskedMeanTask(Task):
+    """Reads a label map and a transform input: the mean inside the mask, and where it moves."""
+
+    name = "test-masked-mean"
+    inputs = (
+        InputSpec("image", Kind.VOLUME, "a volume"),
+        InputSpec("mask", Kind.LABELS, "labels on the volume's grid"),
+        InputSpec("shift", Kind.TRANSFORM, "a transform", optional=True),
+    )
+    outputs = (OutputSpec("masked", Kind.VOLUME, "the volume inside the mask"),)
+
+    def run(self, inputs, options, context):
+        image, mask = inputs["image"], inputs["mask"]
+        values = sitk.GetArrayFromImage(image) * (sitk.GetArrayFromImage(mask) > 0)
+        moved = inputs["shift"].TransformPoint((0.0, 0.0, 0.0)) if "shift" in inputs else None
+        return TaskResult(
+            self.name,
+            images={"masked": _like(values.astype(np.float32), image)},
+            measures={"inside": float(values.sum())},
+            info={"moved_origin": moved, "mask_sum": int(sitk.GetArrayFromImage(mask).sum())},
+        )
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in-process", "worker"])
+def test_label_and_transform_inputs_are_read_from_their_nodes(scene, pair, background):
+    fixed, _ = pair
+    register_task(MaskedMeanTask, replace=True)
+    image = mrml.image_from_volume_node(fixed)
+    mask = sitk.Cast(image > 50, sitk.sitkUInt8)
+    segmentation = mrml.segmentation_node_from_labels(mask, CHANGED, scene, "mask")
+    labelmap = mrml.labelmap_node_from_image(mask, scene, "mask labels")
+    shift = mrml.linear_transform_node_from_affine(
+        sitk.TranslationTransform(3, (1.0, -2.0, 3.0)), scene, "shift"
+    )
+    logic = background_logic(scene)
+    logic.task_name = "test-masked-mean"
+    expected_sum = int(sitk.GetArrayFromImage(mask).sum())
+    try:
+        for mask_node in (segmentation, labelmap):
+            inputs = {"image": fixed, "mask": mask_node, "shift": shift}
+            outputs = logic.start(inputs).result() if background else logic.run(inputs)
+            assert outputs.result.info["mask_sum"] == expected_sum
+            assert outputs.result.info["moved_origin"] == pytest.approx([1.0, -2.0, 3.0])
+            assert outputs.nodes["masked"].GetName().startswith("T1 masked")
+    finally:
+        unregister_task("test-masked-mean")
