@@ -15,6 +15,7 @@ from deepmri.progress import CancelToken
 from deepmri.settings import Settings
 from deepmri.tasks import RunContext, TaskResult, get_task
 from deepmri.tasks.synthesize import synthesize
+from monai.networks.nets import UNet
 
 
 class Inverter(torch.nn.Module):
@@ -54,6 +55,13 @@ def inverter_card(model_id: str = "test-t1w-to-t2w", mask: str | None = None) ->
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     save_model(Inverter(), inverter_card(), root / "test-t1w-to-t2w")
+    # A tiny MONAI UNet: an architecture a fresh process (the CLI) can build from the card.
+    torch.manual_seed(0)
+    config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [4, 8]}
+    config["strides"] = [2]
+    card = inverter_card("test-unet-t2w")
+    card["architecture"] = {"name": "monai.UNet", "config": config}
+    save_model(UNet(**config), card, root / "test-unet-t2w")
     return ModelStore(Settings(home=root / "home"), extra_paths=(root,))
 
 
@@ -94,8 +102,8 @@ def test_synthetic_output_keeps_input_geometry_and_says_synthetic(store, brain_l
 def test_uncertainty_map_on_request_on_the_same_grid(store, brain_like):
     result = get_task("synthesize")(
         {"image": brain_like},
-        {"model": "test-t1w-to-t2w", "uncertainty": True, "skull_stripped": True},
-        RunContext(store=store),
+        {"model": "test-t1w-to-t2w", "skull_stripped": True},
+        RunContext(store=store, wanted=frozenset({"uncertainty"})),
     )
     uncertainty = result.images["uncertainty"]
     assert same_geometry(uncertainty, brain_like)
@@ -139,3 +147,20 @@ def test_task_declares_target_choices_and_synthetic_outputs():
     target = next(option for option in task.options if option.name == "target")
     assert target.choices == ("T2w", "FLAIR", "T1w")
     assert [output.name for output in task.outputs] == ["synthetic", "uncertainty"]
+
+
+def test_command_line_runs_the_task_and_names_the_file_synthetic(store, brain_like, tmp_path):
+    import subprocess
+    import sys
+
+    from deepmri.io import write_image
+
+    source = tmp_path / "t1.nii.gz"
+    write_image(brain_like, source)
+    folder = next(root for kind, root in store.roots if kind == "extra")
+    command = [sys.executable, "-m", "deepmri", "synthesize", str(source), "--target", "T2w"]
+    command += ["--model", str(folder / "test-unet-t2w"), "--skull-stripped"]
+    command += ["-o", str(tmp_path / "out")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "synthetic.nii.gz").exists()

@@ -221,7 +221,7 @@ class SynthesizeTask(Task):
         >>> from deepmri.tasks import get_task
         >>> task = get_task("synthesize")
         >>> [option.name for option in task.options]
-        ['target', 'model', 'uncertainty', 'skull_stripped']
+        ['target', 'model', 'skull_stripped']
         >>> result = task({"image": image}, {"target": "T2w"})  # doctest: +SKIP
         >>> result.info["name_suffix"]  # doctest: +SKIP
         ' -> T2w (synthetic)'
@@ -234,7 +234,6 @@ class SynthesizeTask(Task):
     options = (
         OptionSpec("target", str, "T2w", "contrast to synthesise", choices=TARGETS),
         OptionSpec("model", str, None, "model id or folder (default: the target's model)"),
-        OptionSpec("uncertainty", bool, False, "test-time flips; also writes an uncertainty map"),
         OptionSpec(
             "skull_stripped",
             bool,
@@ -245,7 +244,10 @@ class SynthesizeTask(Task):
     outputs = (
         OutputSpec("synthetic", Kind.VOLUME, "the SYNTHETIC contrast on the input grid"),
         OutputSpec(
-            "uncertainty", Kind.VOLUME, "spread over test-time flips (same grid)", optional=True
+            "uncertainty",
+            Kind.VOLUME,
+            "spread over test-time flips, on the same grid (asking for it runs the flips)",
+            optional=True,
         ),
     )
 
@@ -256,7 +258,7 @@ class SynthesizeTask(Task):
             inputs["image"],
             options["target"],
             options["model"],
-            uncertainty=options["uncertainty"] or context.wants("uncertainty"),
+            uncertainty=context.wants("uncertainty"),
             skull_stripped=options["skull_stripped"],
             config=context.config,
             progress=context.progress,
