@@ -8,6 +8,7 @@ import SimpleITK as sitk
 from conftest import make_oblique_image
 from deepmri import Cancelled, CancelToken
 from deepmri.superres import AlreadyIsotropicError, SliceProfile, SSLSettings, superresolve
+from deepmri.superres.grid import interpolate_along, output_grid, resample_onto
 from deepmri.superres.profile import simulate_thick_slices
 from deepmri.tasks import RunContext, TaskResult, get_task
 from deepmri.tasks.base import TaskError
@@ -97,6 +98,15 @@ def test_interpolation_puts_a_ramp_where_the_slice_centres_say(method, tolerance
     assert np.ptp(values[inner], axis=(1, 2)).max() < 1e-3  # constant in-plane stays constant
 
 
+@pytest.mark.parametrize("method", ["cubic", "sinc"])
+def test_interpolation_along_the_thick_axis_equals_simpleitk_in_3d(method):
+    image = thick_oblique(spacing=(4.0, 1.1, 0.9), size=(10, 20, 16))
+    grid = output_grid(image, (1.0, 1.1, 0.9))
+    fast = sitk.GetArrayFromImage(interpolate_along(image, grid, 0, method))
+    full = sitk.GetArrayFromImage(resample_onto(image, grid, method))
+    np.testing.assert_allclose(fast, full, atol=1e-4)
+
+
 def test_output_stays_within_the_input_intensity_range():
     image = thick_oblique()
     values = sitk.GetArrayFromImage(image)
@@ -179,3 +189,28 @@ def test_task_declares_its_options_and_writes_outputs(tmp_path, monkeypatch):
         task({"image": image}, {"budget": "soon"})
     with pytest.raises(TaskError, match="method"):
         task({"image": image}, {"method": "magic"})
+
+
+def test_self_supervised_beats_cubic_on_a_real_crop_degraded_4x(mni_t1):
+    """MNI152 crop, 4x along z with a Gaussian profile: PSNR in the brain, same seed each run.
+
+    Measured (300 steps, seeds 0-3): +1.69 to +1.90 dB over cubic B-spline; required: +1.0 dB.
+    """
+    truth = sitk.Cast(mni_t1[66:130, 78:158, 70:118], sitk.sitkFloat32)
+    thick = simulate_thick_slices(truth, 4.0)
+    values = sitk.GetArrayFromImage(truth)
+    brain = values > 0
+
+    def psnr(image):
+        error = ((sitk.GetArrayFromImage(image) - values)[brain] ** 2).mean()
+        return 10 * np.log10(values.max() ** 2 / error)
+
+    settings = SSLSettings(width=16, depth=5, patch=32, batch=8, iterations=300, seed=0)
+    restored = superresolve(thick, factor=4, settings=settings, uncertainty=True)
+    cubic = superresolve(thick, factor=4, method="cubic").image
+    assert restored.image.GetSize() == truth.GetSize()
+    np.testing.assert_allclose(restored.image.GetOrigin(), truth.GetOrigin(), atol=1e-9)
+    assert psnr(restored.image) > psnr(cubic) + 1.0
+    assert restored.info["training_loss_last"] < restored.info["training_loss_first"]
+    spread = sitk.GetArrayFromImage(restored.uncertainty)
+    assert spread.min() >= 0 and 0 < spread.mean() < values.std()

@@ -135,6 +135,43 @@ INTERPOLATORS = {
 }
 
 
+def interpolate_along(
+    image: sitk.Image, grid: Grid, axis: int, interpolation: str = "sinc"
+) -> sitk.Image:
+    """`resample_onto` for a grid that differs from the image's only along `axis`, made cheap.
+
+    Every other axis keeps its sample positions, so a separable kernel (SimpleITK's windowed sinc
+    or B-spline) weighs only the samples along `axis` there. The volume is laid out as a 2D image
+    (the other axes flattened, one sample apart) and SimpleITK interpolates that: the same values
+    as in 3D, with 6 instead of 216 taps' worth of work per voxel for the windowed sinc.
+    """
+    source = Grid.of(image)
+    if any(
+        source.size[other] != grid.size[other] or source.spacing[other] != grid.spacing[other]
+        for other in range(3)
+        if other != axis
+    ):
+        raise ValueError("interpolate_along needs grids that differ only along one axis")
+    thick = 2 - axis
+    values = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32))
+    moved = np.moveaxis(values, thick, 0)
+    flat = sitk.GetImageFromArray(np.ascontiguousarray(moved.reshape(moved.shape[0], -1)))
+    step, new_step = source.spacing[axis], grid.spacing[axis]
+    flat.SetSpacing((1.0, step))
+    count, new_count = source.size[axis], grid.size[axis]
+    first = (count * step - new_count * new_step) / 2.0 + new_step / 2.0 - step / 2.0
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([flat.GetSize()[0], new_count])
+    resampler.SetOutputSpacing((1.0, new_step))
+    resampler.SetOutputOrigin((0.0, first))
+    resampler.SetInterpolator(INTERPOLATORS[interpolation])
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    resampler.SetUseNearestNeighborExtrapolator(True)
+    result = sitk.GetArrayFromImage(resampler.Execute(flat))
+    shape = (new_count, *moved.shape[1:])
+    return grid.image(np.ascontiguousarray(np.moveaxis(result.reshape(shape), 0, thick)))
+
+
 def resample_onto(image: sitk.Image, grid: Grid, interpolation: str = "cubic") -> sitk.Image:
     """`image` resampled onto `grid` (float32); points past the last slice centre extrapolate.
 

@@ -23,7 +23,14 @@ from deepmri.progress import (
     no_progress,
     sub_progress,
 )
-from deepmri.superres.grid import Grid, output_grid, resample_onto, target_spacing, thick_axis
+from deepmri.superres.grid import (
+    Grid,
+    interpolate_along,
+    output_grid,
+    resample_onto,
+    target_spacing,
+    thick_axis,
+)
 from deepmri.superres.profile import SliceProfile, apply_along, cubic_matrix
 from deepmri.superres.ssl import (
     PatchSampler,
@@ -112,7 +119,7 @@ def superresolve(
     if method in ("cubic", "sinc"):
         check_cancel(cancel)
         progress(0.1, f"Interpolating ({method}) onto {_grid_text(grid)}")
-        restored = _clip(resample_onto(image, grid, method), low, high)
+        restored = _clip(_interpolate(image, grid, axis, method), low, high)
     else:
         settings = settings or settings_for_budget(budget)
         restored, spread, details = _self_supervised(
@@ -198,7 +205,7 @@ def _self_supervised(
     restored = _clip(working.image(mean * scale + offset), low, high)
     spread_image = working.image(spread * scale)
     if working != grid:
-        restored = _clip(resample_onto(restored, grid, "cubic"), low, high)
+        restored = _clip(_interpolate(restored, grid, axis, "cubic"), low, high)
         spread_image = resample_onto(spread_image, grid, "linear")
     details = {
         "device": str(torch_device),
@@ -211,6 +218,15 @@ def _self_supervised(
         "seed": settings.seed,
     }
     return restored, spread_image, details
+
+
+def _interpolate(image: sitk.Image, grid: Grid, axis: int, method: str) -> sitk.Image:
+    """SimpleITK's interpolation onto `grid`, along the thick axis only where that is all."""
+    source = Grid.of(image)
+    others = [index for index in range(3) if index != axis]
+    if all(source.size[i] == grid.size[i] and source.spacing[i] == grid.spacing[i] for i in others):
+        return interpolate_along(image, grid, axis, method)
+    return resample_onto(image, grid, method)
 
 
 def _thick_cubic_matrix(image: sitk.Image, axis: int, working: Grid) -> np.ndarray:

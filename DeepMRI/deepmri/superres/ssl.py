@@ -41,7 +41,7 @@ class SSLSettings:
 
 # What the named budgets mean on any device: seconds in all, network, test-time flips.
 BUDGETS: dict[str, SSLSettings] = {
-    "quick": SSLSettings(width=24, depth=5, budget_seconds=60.0),
+    "quick": SSLSettings(width=16, depth=5, patch=32, batch=8, budget_seconds=60.0),
     "standard": SSLSettings(width=32, depth=6, budget_seconds=180.0),
     "best": SSLSettings(width=48, depth=8, budget_seconds=900.0, flips=True),
 }
