@@ -59,3 +59,34 @@ def test_tiny_training_run_keeps_best_weights_and_writes_a_valid_synthesis_card(
     assert "SIMULATED images only" in card.description
     assert card.weights["dtype"] == "float16"
     assert model.load_network() is not None
+
+
+def test_site_folders_train_from_matching_file_names(tmp_path):
+    import SimpleITK as sitk
+    from deepmri.io import write_image
+    from deepmri.train.synthesize import FolderPairs
+
+    for folder in ("t1", "t2"):
+        (tmp_path / folder).mkdir()
+    for index in range(3):
+        image, target, subject = make_pair(40 + index, "T1w", "T2w", SMALL)
+        for folder, array in (("t1", image), ("t2", target)):
+            volume = sitk.GetImageFromArray(array)
+            volume.SetSpacing((4.0, 4.0, 4.0))
+            write_image(volume, tmp_path / folder / f"case{index}.nii.gz")
+    (tmp_path / "t1" / "unpaired.nii.gz").write_bytes(b"")  # no partner: ignored
+    pairs = FolderPairs(tmp_path / "t1", tmp_path / "t2", spacing=4.0, patch=(32, 32, 32))
+    assert len(pairs.training) == 2 and len(pairs.validation) == 1
+    source, target, brain = pairs.pair(0)
+    assert source.shape == target.shape and all(n % 8 == 0 and n >= 32 for n in source.shape)
+    recipe = SynthesisRecipe(
+        spacing=4.0,
+        patch=(32, 32, 32),
+        channels=(4, 8),
+        strides=(2,),
+        minutes=0.03,
+        validate_every=1,
+        warmup_fraction=0.0,
+    )
+    state = train(recipe, tmp_path / "run", log=lambda line: None, pairs=pairs)
+    assert state["best"] is not None

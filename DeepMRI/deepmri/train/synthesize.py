@@ -93,6 +93,68 @@ def make_pair(
     )
 
 
+@dataclass
+class _Brain:
+    brain: np.ndarray
+
+
+class FolderPairs:
+    """A site's own co-registered pairs: files of the same name in `source_dir` and `target_dir`.
+
+    Both are reoriented to RAS and resampled to `spacing`; the target is resampled onto the
+    source's grid (the pairs must already be registered). Inputs are brain-only (skull-stripped):
+    the source's non-zero voxels are the brain. The last `validation` pairs select the weights.
+
+    Examples:
+        >>> pairs = FolderPairs("site/t1", "site/t2", spacing=2.0)  # doctest: +SKIP
+    """
+
+    def __init__(self, source_dir, target_dir, spacing: float, patch, validation: int = 1):
+        from deepmri.geometry import reorient, resample_like, resample_to_spacing
+        from deepmri.io import read_image
+
+        source_dir, target_dir = Path(source_dir), Path(target_dir)
+        names = sorted(p.name for p in source_dir.iterdir() if (target_dir / p.name).exists())
+        if len(names) < validation + 1:
+            from deepmri.errors import DeepMRIError
+
+            raise DeepMRIError(
+                f"Found {len(names)} file name(s) present in both {source_dir} and {target_dir}; "
+                f"training needs at least {validation + 1} pairs with matching names."
+            )
+        self.pairs = []
+        for name in names:
+            source = resample_to_spacing(
+                reorient(read_image(source_dir / name), "RAS"), [spacing] * 3
+            )
+            target = resample_like(read_image(target_dir / name), source)
+            image = sitk_array(source)
+            brain = image > 0
+            arrays = [normalise_input(image, brain), normalise_target(sitk_array(target), brain)]
+            arrays.append(brain)
+            arrays = _pad_to(arrays, patch)
+            self.pairs.append((arrays[0], arrays[1], _Brain(arrays[2].astype(bool))))
+        self.validation = self.pairs[-validation:]
+        self.training = self.pairs[:-validation]
+
+    def pair(self, index: int):
+        return self.training[index % len(self.training)]
+
+
+def sitk_array(image) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image).astype(np.float32)
+
+
+def _pad_to(arrays, patch):
+    """Zero-pad (at the end) to at least `patch` and to multiples of 8 for the UNet."""
+    shape = arrays[0].shape
+    target = [max(p, -(-n // 8) * 8) for n, p in zip(shape, patch, strict=True)]
+    pad = [(0, t - n) for n, t in zip(shape, target, strict=True)]
+    return [np.pad(a, pad) for a in arrays]
+
+
 def build_networks(recipe: SynthesisRecipe) -> tuple[torch.nn.Module, torch.nn.Module]:
     from monai.networks.nets import PatchDiscriminator, UNet
 
@@ -132,8 +194,17 @@ def predict(
     return result.prediction[0, 0].numpy(), spread
 
 
-def train(recipe: SynthesisRecipe, out: Path, log=print, resume: bool = False) -> dict[str, Any]:
-    """Train for `recipe.minutes`; keep the weights of the best validation MAE in `out`."""
+def train(
+    recipe: SynthesisRecipe,
+    out: Path,
+    log=print,
+    resume: bool = False,
+    pairs: FolderPairs | None = None,
+) -> dict[str, Any]:
+    """Train for `recipe.minutes`; keep the weights of the best validation MAE in `out`.
+
+    Pairs are simulated unless `pairs` (a site's own folders) is given.
+    """
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
@@ -141,10 +212,13 @@ def train(recipe: SynthesisRecipe, out: Path, log=print, resume: bool = False) -
     opt_g = torch.optim.Adam(generator.parameters(), recipe.learning_rate, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), recipe.learning_rate, betas=(0.5, 0.999))
     grid = recipe.grid
-    validation = [
-        make_pair(VALIDATION_SEEDS + i, recipe.source, recipe.target, grid)
-        for i in range(recipe.validation_subjects)
-    ]
+    if pairs is not None:
+        validation = pairs.validation
+    else:
+        validation = [
+            make_pair(VALIDATION_SEEDS + i, recipe.source, recipe.target, grid)
+            for i in range(recipe.validation_subjects)
+        ]
     checkpoint = out / "checkpoint.pt"
     state: dict[str, Any] = {"iteration": 0, "minutes": 0.0, "best": None, "history": []}
     if resume and checkpoint.exists():
@@ -161,7 +235,10 @@ def train(recipe: SynthesisRecipe, out: Path, log=print, resume: bool = False) -
         iteration = state["iteration"]
         if pair is None or iteration % PATCHES_PER_SUBJECT == 0:
             seed = TRAIN_SEEDS + recipe.seed * 1_000_000 + iteration // PATCHES_PER_SUBJECT
-            pair = make_pair(seed, recipe.source, recipe.target, grid)
+            if pairs is not None:
+                pair = pairs.pair(iteration // PATCHES_PER_SUBJECT)
+            else:
+                pair = make_pair(seed, recipe.source, recipe.target, grid)
         source, target = _random_patch(pair[:2], recipe.patch, rng)
         elapsed = (time.monotonic() - started) / budget
         adversarial = recipe.adversarial_weight if elapsed > recipe.warmup_fraction else 0.0
@@ -304,12 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--export", type=Path, help="write the best weights as a model folder")
+    parser.add_argument("--source-dir", type=Path, help="a site's own inputs (brain-only)")
+    parser.add_argument("--target-dir", type=Path, help="their co-registered targets, same names")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = SynthesisRecipe(
         source=args.source, target=args.target, minutes=args.minutes, seed=args.seed
     )
-    state = train(recipe, args.out, resume=args.resume)
+    pairs = None
+    if args.source_dir or args.target_dir:
+        if not (args.source_dir and args.target_dir):
+            parser.error("--source-dir and --target-dir go together")
+        pairs = FolderPairs(args.source_dir, args.target_dir, recipe.spacing, recipe.patch)
+    state = train(recipe, args.out, resume=args.resume, pairs=pairs)
     if args.export:
         from deepmri.models import save_model
 
@@ -317,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             f"python -m deepmri.train.synthesize --source {args.source} --target {args.target} "
             f"--out {args.out} --minutes {args.minutes} --seed {args.seed} --threads {args.threads}"
         )
+        if pairs is not None:
+            command += f" --source-dir {args.source_dir} --target-dir {args.target_dir}"
         generator = load_generator(recipe, args.out / "best_generator.pt")
         save_model(generator, card_for(recipe, state, command), args.export)
     return 0
