@@ -63,8 +63,8 @@ def overlap_after(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfo
     from deepmri.registration.deformable import corner_aligned_grid
 
     grid = corner_aligned_grid(fixed, max(4.0, max(fixed.GetSpacing())))
-    fixed_coarse = sitk.GetArrayViewFromImage(sitk.Resample(fixed, grid, sitk.Transform()))
-    moving_coarse = sitk.GetArrayViewFromImage(sitk.Resample(moving, grid, transform))
+    fixed_coarse = sitk.GetArrayFromImage(sitk.Resample(fixed, grid, sitk.Transform()))
+    moving_coarse = sitk.GetArrayFromImage(sitk.Resample(moving, grid, transform))
     fixed_fg = fixed_coarse > np.percentile(fixed_coarse, 99) * 0.1
     moving_fg = moving_coarse > np.percentile(sitk.GetArrayViewFromImage(moving), 99) * 0.1
     if not fixed_fg.any():

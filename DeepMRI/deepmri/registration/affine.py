@@ -51,11 +51,15 @@ def pyramid_level(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """`image` smoothed (anti-aliased) and resampled to at least `spacing_mm` on every axis."""
     from deepmri.geometry import resample_to_spacing
 
-    spacing = [max(spacing_mm, value) for value in image.GetSpacing()]
+    # Never coarser than 8 voxels across: small images stay usable (and smoothable).
+    spacing = [
+        max(value, min(spacing_mm, value * size / 8))
+        for value, size in zip(image.GetSpacing(), image.GetSize(), strict=True)
+    ]
     if np.allclose(spacing, image.GetSpacing()):
         return image
     sigmas = [
-        0.5 * np.sqrt(max(target**2 - value**2, 0.0))
+        max(0.5 * np.sqrt(max(target**2 - value**2, 0.0)), 0.01 * value)
         for target, value in zip(spacing, image.GetSpacing(), strict=True)
     ]
     smooth = sitk.SmoothingRecursiveGaussian(image, sigmas)
@@ -178,13 +182,14 @@ def linear_register(
         if level_mask is not None:
             registration.SetMetricFixedMask(level_mask)
         registration.SetInterpolator(sitk.sitkLinear)
-        registration.SetOptimizerAsGradientDescent(
-            learningRate=1.0,
+        # Steps in mm (the scales make one unit of any parameter about 1 mm of motion); the step
+        # halves whenever the metric gets worse, down to 0.05 mm, so it ends on a fine fit.
+        registration.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=stage.spacing_mm / 2,
+            minStep=0.05,
             numberOfIterations=stage.iterations,
-            convergenceMinimumValue=1e-6,
-            convergenceWindowSize=10,
-            estimateLearningRate=registration.EachIteration,
-            maximumStepSizeInPhysicalUnits=stage.spacing_mm,
+            relaxationFactor=0.5,
+            gradientMagnitudeTolerance=1e-8,
         )
         registration.SetOptimizerScalesFromPhysicalShift()
         registration.SetInitialTransform(transform, inPlace=True)

@@ -30,7 +30,7 @@ class DeformableSettings:
     similarity: str = "lncc"
     regularisation: float = 1.0
     levels_mm: tuple[float, ...] = (4.0, 2.0)
-    iterations: tuple[int, ...] = (120, 60)
+    iterations: tuple[int, ...] = (80, 25)
     control_factor: int = 2
     integration_steps: int = 7
     learning_rate_mm: float = 0.5
@@ -70,19 +70,57 @@ def corner_aligned_grid(reference: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 def _smoothed_for(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
     sigmas = [
-        0.5 * np.sqrt(max(target**2 - own**2, 0.0))
+        max(0.5 * np.sqrt(max(target**2 - own**2, 0.0)), 0.01 * own)
         for target, own in zip(spacing, image.GetSpacing(), strict=True)
     ]
-    if max(sigmas) <= 0:
+    if np.allclose(spacing, image.GetSpacing()):
         return image
     return sitk.SmoothingRecursiveGaussian(image, sigmas)
 
 
+def _level_images(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    linear: sitk.Transform,
+    levels_mm: Sequence[float],
+    cancel: CancelLike | None,
+) -> dict[float, tuple[sitk.Image, sitk.Image]]:
+    """Fixed and linearly aligned moving images on each level's grid, finest made first.
+
+    Only the finest level is made from the full-resolution images (the moving one through the
+    linear transform); each coarser one is smoothed and resampled from the level below it.
+    """
+    levels: dict[float, tuple[sitk.Image, sitk.Image]] = {}
+    finer: tuple[sitk.Image, sitk.Image] | None = None
+    for spacing_mm in sorted(levels_mm):
+        check_cancel(cancel)
+        grid = corner_aligned_grid(fixed, max(spacing_mm, min(fixed.GetSpacing())))
+        if finer is None:
+            level_fixed = sitk.Resample(
+                _smoothed_for(fixed, grid.GetSpacing()), grid, sitk.Transform(), sitk.sitkLinear
+            )
+            level_moving = sitk.Resample(
+                _smoothed_for(moving, grid.GetSpacing()), grid, linear, sitk.sitkLinear
+            )
+        else:
+            level_fixed, level_moving = (
+                sitk.Resample(
+                    _smoothed_for(image, grid.GetSpacing()),
+                    grid,
+                    sitk.Transform(),
+                    sitk.sitkLinear,
+                )
+                for image in finer
+            )
+        finer = levels[spacing_mm] = (level_fixed, level_moving)
+    return levels
+
+
 def intensity_scale(image: sitk.Image) -> tuple[float, float]:
     """Low and high robust intensities (0.5 and 99.5 percentiles of the non-zero voxels)."""
-    values = sitk.GetArrayViewFromImage(image)
-    sample = values[values != 0] if np.any(values != 0) else values.ravel()
-    sample = sample[:: max(1, sample.size // 2_000_000)]
+    values = sitk.GetArrayViewFromImage(image).ravel()
+    values = values[:: max(1, values.size // 1_000_000)]
+    sample = values[values != 0] if np.any(values != 0) else values
     low, high = np.percentile(sample, [0.5, 99.5])
     if not high > low:
         raise RegistrationError("An input image has no contrast (all voxels about equal).")
@@ -191,15 +229,11 @@ def deformable_register(
     done = 0
     losses: dict[str, float] = {}
     control = None
+    pyramid = _level_images(fixed, moving, linear, settings.levels_mm, cancel)
     for spacing_mm, iterations in zip(settings.levels_mm, settings.iterations, strict=True):
         check_cancel(cancel)
-        level = corner_aligned_grid(fixed, max(spacing_mm, min(fixed.GetSpacing())))
-        level_fixed = sitk.Resample(
-            _smoothed_for(fixed, level.GetSpacing()), level, sitk.Transform(), sitk.sitkLinear
-        )
-        level_moving = sitk.Resample(
-            _smoothed_for(moving, level.GetSpacing()), level, linear, sitk.sitkLinear
-        )
+        level_fixed, level_moving = pyramid[spacing_mm]
+        level = level_fixed
         fixed_tensor = _as_tensor(level_fixed, fixed_scale, device)
         moving_tensor = _as_tensor(level_moving, moving_scale, device)
         if not torch.any(moving_tensor > 0.05):
