@@ -46,9 +46,9 @@ class SuperResolveTask(Task):
     help = (
         "Restore thin slices from a thick-slice MRI (for example 1 x 1 x 4 mm to 1 mm isotropic) "
         "on the same physical extent. 'ssl' trains a small network on the volume's own in-plane "
-        "detail (no downloaded weights, any contrast); 'cubic' and 'sinc' interpolate."
+        "detail (no downloaded weights, any contrast); 'cubic' and 'sinc' interpolate"
     )
-    inputs = (InputSpec("image", Kind.VOLUME, "The thick-slice volume (one axis coarser)."),)
+    inputs = (InputSpec("image", Kind.VOLUME, "The thick-slice volume (one axis coarser)"),)
     options = (
         OptionSpec(
             "spacing",
@@ -84,11 +84,11 @@ class SuperResolveTask(Task):
         OptionSpec("seed", int, 0, "Random seed of the per-volume training"),
     )
     outputs = (
-        OutputSpec("superresolved", Kind.VOLUME, "The restored volume (float32)."),
+        OutputSpec("superresolved", Kind.VOLUME, "the restored volume (float32)"),
         OutputSpec(
             "uncertainty",
             Kind.VOLUME,
-            "Where the orthogonal passes disagree (their spread, in image units; ssl only).",
+            "where the orthogonal passes disagree (their spread, in image units; ssl only)",
             optional=True,
         ),
     )
