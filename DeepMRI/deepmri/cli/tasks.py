@@ -17,6 +17,7 @@ from typing import Any
 
 from deepmri.errors import ImageIOError
 
+# Flags every task sub-command has; a task may not declare an option or output of these names.
 GENERIC_FLAGS = ("device", "precision", "threads", "output")
 
 
@@ -98,8 +99,14 @@ def add_task_command(subparsers: argparse._SubParsersAction, task: Any) -> argpa
     )
     for spec in task.inputs:
         if spec.optional:
-            parser.add_argument(f"--{_flag(spec.name)}", dest=f"input_{spec.name}", type=Path,
-                                default=None, metavar="FILE", help=spec.help)  # fmt: skip
+            parser.add_argument(
+                f"--{_flag(spec.name)}",
+                dest=f"input_{spec.name}",
+                type=Path,
+                default=None,
+                metavar="FILE",
+                help=spec.help,
+            )
         else:
             parser.add_argument(f"input_{spec.name}", type=Path, metavar=spec.name, help=spec.help)
     for spec in task.options:
@@ -114,22 +121,40 @@ def add_task_command(subparsers: argparse._SubParsersAction, task: Any) -> argpa
                 keywords.update(choices=spec.choices, metavar=None)
         shown = "" if "default" in spec.help else f" (default: {_shown(spec.default)})"
         parser.add_argument(f"--{_flag(spec.name)}", help=spec.help + shown, **keywords)
-    parser.add_argument("-o", "--output", type=Path, required=True,
-                        help="file for the first output, or a folder for the whole result")  # fmt: skip
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="file for the first output, or a folder for the whole result",
+    )
     for spec in task.outputs:
         if not spec.optional:
             continue
         flags = [f"--{_flag(spec.name)}"] + (
             [f"--{_plural(_flag(spec.name))}"] if spec.many else []
         )
-        parser.add_argument(*flags, dest=f"want_{spec.name}", nargs="?", const="", default=None,
-                            metavar="DIR" if spec.many else "PATH",
-                            help=f"also write {spec.help}" + (" (into DIR)" if spec.many else "")
-                            + "; without a path, beside the output")  # fmt: skip
-    parser.add_argument("--device", default=None,
-                        help="auto, cpu, cuda (or gpu), cuda:N or mps (default: DEEPMRI_DEVICE or auto)")  # fmt: skip
-    parser.add_argument("--precision", default=None, choices=PRECISIONS,
-                        help="GPU arithmetic (default: DEEPMRI_PRECISION or auto)")  # fmt: skip
+        where = " (into DIR)" if spec.many else ""
+        parser.add_argument(
+            *flags,
+            dest=f"want_{spec.name}",
+            nargs="?",
+            const="",
+            default=None,
+            metavar="DIR" if spec.many else "PATH",
+            help=f"also write {spec.help}{where}; without a path, beside the output",
+        )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="auto, cpu, cuda (or gpu), cuda:N or mps (default: DEEPMRI_DEVICE or auto)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="GPU arithmetic (default: DEEPMRI_PRECISION or auto)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.set_defaults(handler=lambda arguments: run_task(task, arguments))
     return parser
