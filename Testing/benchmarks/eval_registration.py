@@ -1,0 +1,352 @@
+"""Registration evaluation: DeepMRI's affine and deformable against ANTs SyN, elastix and ConvexAdam.
+
+Pairs: Colin27 brain -> MNI152 2009a brain (T1 -> T1), the same with the moving image T2-like
+(intensities inverted inside the brain: cross-contrast), and the MNI152 T1 under a known random
+smooth deformation (end-point error in mm against the true inverse). Tissue labels (CSF, GM, WM)
+come from ONE classical method (deepmri's GMM, `classical_tissue`) run once on each T1 image, and
+are identical for every method. Every deformable method starts from the same DeepMRI affine (the
+moving image resampled through it), so the figures compare the deformable stages; seconds are wall
+time of each method's own call, on the same CPU in the same run. Peers run where they are
+installed (`pip install deepmri[peers]`) and are skipped with a printed reason otherwise.
+Last line: JSON.
+
+    python Testing/benchmarks/eval_registration.py --threads 2 [--write-docs Docs/evaluation-registration.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+TISSUES = {1: "CSF", 2: "GM", 3: "WM"}
+
+
+def dice_tissue(labels: np.ndarray, reference: np.ndarray) -> float:
+    scores = []
+    for value in TISSUES:
+        a, b = labels == value, reference == value
+        scores.append(2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
+    return float(np.mean(scores))
+
+
+def array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image)
+
+
+def t2_like(image: sitk.Image) -> sitk.Image:
+    """Invert intensities inside the head (CSF bright, WM dark); background stays dark.
+
+    The recipe of Testing/benchmarks/eval_segmentation.py.
+    """
+    values = array(image).astype(np.float32)
+    region = values > 0
+    high = np.percentile(values[region], 99.5)
+    inverted = np.where(region, np.clip(high - values, 0, None) + 0.05 * high, 0.0)
+    output = sitk.GetImageFromArray(inverted.astype(np.float32))
+    output.CopyInformation(image)
+    return output
+
+
+def smooth_deformation(reference: sitk.Image, amplitude_mm: float, seed: int) -> sitk.Image:
+    """A random smooth displacement (control points every ~30 mm, cubic-like), LPS mm."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    shape = [
+        max(3, round(size * spacing / 30))
+        for size, spacing in zip(
+            reference.GetSize()[::-1], reference.GetSpacing()[::-1], strict=True
+        )
+    ]
+    coarse = torch.from_numpy(rng.normal(size=(1, 3, *shape)))
+    field = torch.nn.functional.interpolate(
+        coarse, size=reference.GetSize()[::-1], mode="trilinear", align_corners=True
+    )[0].numpy()
+    field *= amplitude_mm / np.abs(field).max()
+    image = sitk.GetImageFromArray(np.moveaxis(field, 0, -1), isVector=True)
+    image.CopyInformation(reference)
+    return sitk.Cast(image, sitk.sitkVectorFloat64)
+
+
+def brain_labels(image: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    from deepmri.tasks.segment_classical import classical_tissue
+
+    mask = sitk.Cast(sitk.BinaryFillhole(sitk.Cast(image > 0, sitk.sitkUInt8)), sitk.sitkUInt8)
+    return mask, classical_tissue(image, mask)
+
+
+# --- peers: each returns (a fixed->moving sitk transform on the fixed grid, seconds) ---------
+
+
+def run_syn(fixed: sitk.Image, moving: sitk.Image, workdir: Path):
+    import ants
+
+    sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(workdir / "f.nii.gz"))
+    sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(workdir / "m.nii.gz"))
+    f, m = ants.image_read(str(workdir / "f.nii.gz")), ants.image_read(str(workdir / "m.nii.gz"))
+    started = time.perf_counter()
+    result = ants.registration(f, m, type_of_transform="SyNOnly")
+    seconds = time.perf_counter() - started
+    warp_file = next(name for name in result["fwdtransforms"] if name.endswith(".nii.gz"))
+    field = sitk.ReadImage(warp_file, sitk.sitkVectorFloat64)
+    return field, seconds
+
+
+def run_elastix(fixed: sitk.Image, moving: sitk.Image, workdir: Path, threads: int):
+    import itk
+
+    f = itk.image_from_array(array(fixed).astype(np.float32))
+    m = itk.image_from_array(array(moving).astype(np.float32))
+    for image, source in ((f, fixed), (m, moving)):
+        image.SetSpacing(source.GetSpacing())
+        image.SetOrigin(source.GetOrigin())
+        image.SetDirection(itk.matrix_from_array(np.asarray(source.GetDirection()).reshape(3, 3)))
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline", 4))
+    started = time.perf_counter()
+    _, transform_parameters = itk.elastix_registration_method(
+        f, m, parameter_object=parameters, log_to_console=False, number_of_threads=threads
+    )
+    seconds = time.perf_counter() - started
+    field = itk.transformix_deformation_field(m, transform_parameters)
+    vectors = itk.array_from_image(field).astype(np.float64)
+    image = sitk.GetImageFromArray(vectors, isVector=True)
+    image.CopyInformation(fixed)
+    return image, seconds
+
+
+def run_convexadam(fixed: sitk.Image, moving: sitk.Image):
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    started = time.perf_counter()
+    displacement = convex_adam_pt(
+        sitk.Cast(fixed, sitk.sitkFloat32),
+        sitk.Cast(moving, sitk.sitkFloat32),
+        device=torch.device("cpu"),
+    )
+    seconds = time.perf_counter() - started
+    # (k, j, i, 3) voxel displacements along the array axes -> LPS mm.
+    from deepmri.registration.deformable import field_image_from_tensor
+
+    spacing = np.asarray(fixed.GetSpacing()[::-1]).reshape(3, 1, 1, 1)
+    return field_image_from_tensor(np.moveaxis(displacement, -1, 0) * spacing, fixed), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", default="syn,elastix,convexadam")
+    parser.add_argument("--output", default=None, help="folder for overlays (PNG) and fields")
+    parser.add_argument("--write-docs", default=None)
+    parser.add_argument(
+        "--spacing", type=float, default=1.0, help="resample both images first (a quick smoke run)"
+    )
+    arguments = parser.parse_args()
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(arguments.threads)
+    import torch
+
+    torch.set_num_threads(arguments.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(arguments.threads)
+    from deepmri import data
+    from deepmri.registration import register
+    from deepmri.registration.fields import compose, folding_percent, jacobian_determinant
+
+    output = Path(arguments.output or tempfile.mkdtemp(prefix="eval-registration-"))
+    output.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="peers-"))
+    peers = [name for name in arguments.peers.split(",") if name]
+    available = {}
+    for name, module in (("syn", "ants"), ("elastix", "itk"), ("convexadam", "convexAdam")):
+        if name not in peers:
+            continue
+        try:
+            __import__(module)
+            if name == "elastix":
+                import itk
+
+                itk.ElastixRegistrationMethod  # noqa: B018 - loads the elastix module
+            available[name] = True
+        except Exception as error:  # noqa: BLE001 - any import failure skips the peer
+            print(f"skipping {name}: {module} is not importable ({error})", flush=True)
+    fixed = sitk.Cast(data.load_mni152("t1"), sitk.sitkFloat32)
+    colin = sitk.Cast(data.load_colin27("brain"), sitk.sitkFloat32)
+    if arguments.spacing != 1.0:
+        from deepmri.geometry import resample_to_spacing
+
+        fixed, colin = (
+            resample_to_spacing(image, [arguments.spacing] * 3) for image in (fixed, colin)
+        )
+    fixed_mask, fixed_labels = brain_labels(fixed)
+    _, moving_labels = brain_labels(colin)
+    reference = array(fixed_labels)
+    inside = array(fixed_mask) > 0
+    print("tissue labels: classical GMM once per T1 image, the same for every method", flush=True)
+    results: dict[str, float | str | None] = {}
+    rows = []
+
+    for pair, moving in (("", colin), ("_xcontrast", t2_like(colin))):
+        ours = register(fixed, moving, "deformable")
+        affine = ours.linear
+        moving_affine = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
+        labels_affine = sitk.Resample(moving_labels, fixed, affine, sitk.sitkNearestNeighbor, 0)
+        results[f"dice_tissue_affine{pair}"] = dice_tissue(array(labels_affine), reference)
+        results[f"seconds_affine{pair}"] = ours.measures["seconds_linear"]
+        # The same route as the peers: labels through the affine, then through the field.
+        warped = sitk.Resample(
+            labels_affine, fixed, compose(None, ours.displacement), sitk.sitkNearestNeighbor, 0
+        )
+        results[f"dice_tissue_deformable{pair}"] = dice_tissue(array(warped), reference)
+        results[f"seconds_deformable{pair}"] = round(
+            ours.measures["seconds"] - ours.measures["seconds_linear"], 2
+        )
+        results[f"folding_pct_deformable{pair}"] = folding_percent(ours.jacobian, fixed_mask)
+        results[f"similarity_deformable{pair}"] = ours.measures["similarity"]
+        print(json.dumps({k: v for k, v in results.items() if k.endswith(pair)}), flush=True)
+        if pair == "":
+            save_overlay(fixed, moving_affine, ours.warped, ours.jacobian, output)
+        for name in available:
+            try:
+                if name == "syn":
+                    field, seconds = run_syn(fixed, moving_affine, workdir)
+                elif name == "elastix":
+                    field, seconds = run_elastix(fixed, moving_affine, workdir, arguments.threads)
+                else:
+                    field, seconds = run_convexadam(fixed, moving_affine)
+            except Exception as error:  # noqa: BLE001 - a failing peer is reported, not fatal
+                print(f"{name}{pair} failed: {error}", flush=True)
+                results[f"dice_tissue_{name}{pair}"] = None
+                continue
+            peer_labels = sitk.Resample(
+                labels_affine, fixed, compose(None, field), sitk.sitkNearestNeighbor, 0
+            )
+            results[f"dice_tissue_{name}{pair}"] = dice_tissue(array(peer_labels), reference)
+            results[f"seconds_{name}{pair}"] = round(seconds, 2)
+            results[f"folding_pct_{name}{pair}"] = folding_percent(
+                jacobian_determinant(field), fixed_mask
+            )
+            print(name + pair, results[f"dice_tissue_{name}{pair}"], round(seconds, 1), flush=True)
+
+    # Known deformation of the real template: end-point error against the true inverse.
+    warp = smooth_deformation(fixed, 8.0, seed=18)
+    moving = sitk.Resample(fixed, fixed, compose(None, warp), sitk.sitkLinear, 0.0)
+    inverse = sitk.InvertDisplacementField(
+        warp, maximumNumberOfIterations=50, maxErrorToleranceThreshold=0.01
+    )
+    truth = compose(None, inverse)
+    rng = np.random.default_rng(18)
+    voxels = np.argwhere(inside)
+    points = [
+        fixed.TransformIndexToPhysicalPoint([int(v) for v in voxel[::-1]])
+        for voxel in voxels[rng.choice(len(voxels), min(5000, len(voxels)), replace=False)]
+    ]
+
+    def end_point_error(transform: sitk.Transform) -> float:
+        return float(
+            np.mean(
+                [
+                    np.linalg.norm(
+                        np.subtract(transform.TransformPoint(p), truth.TransformPoint(p))
+                    )
+                    for p in points
+                ]
+            )
+        )
+
+    results["epe_mm_identity"] = end_point_error(sitk.Transform(3, sitk.sitkIdentity))
+    ours = register(fixed, moving, "deformable")
+    results["epe_mm_affine"] = end_point_error(ours.linear)
+    results["epe_mm_deformable"] = end_point_error(ours.transform)
+    results["seconds_deformable_synthetic"] = round(
+        ours.measures["seconds"] - ours.measures["seconds_linear"], 2
+    )
+    if "syn" in available:
+        field, seconds = run_syn(fixed, moving, workdir)
+        results["epe_mm_syn"] = end_point_error(compose(None, field))
+        results["seconds_syn_synthetic"] = round(seconds, 2)
+    else:
+        results["epe_mm_syn"] = None
+    if results.get("seconds_syn"):
+        results["speedup_vs_syn"] = round(results["seconds_syn"] / results["seconds_deformable"], 2)
+    print("overlays:", output, flush=True)
+    rows = results
+    if arguments.write_docs:
+        write_docs(Path(arguments.write_docs), rows, arguments)
+    print(
+        json.dumps(
+            {key: (round(v, 4) if isinstance(v, float) else v) for key, v in results.items()}
+        )
+    )
+
+
+def save_overlay(fixed, affine_only, warped, jacobian, output: Path) -> None:
+    """Three planes: fixed, affine-only and deformable overlays (magenta/green) and the Jacobian."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f, a, w, j = (array(image) for image in (fixed, affine_only, warped, jacobian))
+    f, a, w = (x / np.percentile(x[x > 0], 99) for x in (f, a, w))
+    centre = [s // 2 for s in f.shape]
+    planes = [lambda x: x[centre[0]], lambda x: x[:, centre[1]], lambda x: x[:, :, centre[2]]]
+    figure, axes = plt.subplots(3, 3, figsize=(11, 11))
+    for row, plane in enumerate(planes):
+        for column, (title, other) in enumerate((("affine", a), ("deformable", w))):
+            rgb = np.stack([plane(other), plane(f), plane(other)], -1).clip(0, 1)
+            axes[row, column].imshow(rgb[::-1], interpolation="nearest")
+            axes[row, column].set_title(f"fixed (green) vs {title} (magenta)")
+        shown = axes[row, 2].imshow(plane(j)[::-1], cmap="RdBu_r", vmin=0, vmax=2)
+        axes[row, 2].set_title("Jacobian determinant")
+    figure.colorbar(shown, ax=axes[:, 2], shrink=0.6)
+    for axis in axes.ravel():
+        axis.axis("off")
+    figure.savefig(output / "registration-overlay.png", dpi=80)
+    plt.close(figure)
+
+
+def write_docs(path: Path, results: dict, arguments) -> None:
+    def cell(key: str) -> str:
+        value = results.get(key)
+        if value is None:
+            return "—"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "| method | tissue Dice T1->T1 | tissue Dice T2-like->T1 | seconds (T1) | folding % in brain (T1) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in (
+        ("affine", "DeepMRI affine (start of all below)"),
+        ("deformable", "DeepMRI deformable"),
+        ("syn", "ANTs SyN (SyNOnly, antspyx defaults)"),
+        ("elastix", "elastix B-spline (itk-elastix default map)"),
+        ("convexadam", "ConvexAdam (defaults, CPU)"),
+    ):
+        lines.append(
+            f"| {label} | {cell('dice_tissue_' + name)} | {cell('dice_tissue_' + name + '_xcontrast')} "
+            f"| {cell('seconds_' + name)} | {cell('folding_pct_' + name)} |"
+        )
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    marker = "<!-- table -->"
+    table = "\n".join(lines)
+    command = f"python Testing/benchmarks/eval_registration.py --threads {arguments.threads}"
+    block = f"{marker}\n{table}\n\nCommand: `{command}`\n\n```json\n{json.dumps(results, indent=1)}\n```\n{marker}"
+    if text.count(marker) >= 2:
+        start, end = text.index(marker), text.rindex(marker) + len(marker)
+        text = text[:start] + block + text[end:]
+    else:
+        text = text + "\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
