@@ -60,7 +60,14 @@ def smooth_like_the_worker(image: sitk.Image, sigma: float, passes: int) -> np.n
 def test_smooth_job_streams_progress_and_returns_the_smoothed_image_on_the_input_grid(
     oblique_image,
 ):
-    job = jobs.start_job("smooth", {"image": oblique_image}, {"sigma_mm": 1.5, "passes": 2})
+    config = RunConfig(device="cpu", precision="fp16", threads=2)
+    job = jobs.start_job(
+        "smooth", {"image": oblique_image}, {"sigma_mm": 1.5, "passes": 2}, config=config
+    )
+    request = json.loads((job.folder / "request.json").read_text())
+    assert request["config"] == {"device": "cpu", "precision": "fp16", "threads": 2}
+    assert request["wanted"] == [] and request["task"] == "smooth"
+    assert Path(request["inputs"]["image"]).is_file()
     events = run_to_end(job)
     assert job.state == jobs.SUCCEEDED, job.error
     depth = oblique_image.GetSize()[2]
@@ -79,16 +86,6 @@ def test_smooth_job_streams_progress_and_returns_the_smoothed_image_on_the_input
     )
     assert result.info == {"sigma_mm": 1.5, "passes": 2}
     assert not job.folder.exists()
-
-
-def test_the_request_carries_the_run_configuration_and_the_wanted_outputs(oblique_image):
-    config = RunConfig(device="cpu", precision="fp16", threads=2)
-    job = jobs.start_job("smooth", {"image": oblique_image}, config=config, wanted=())
-    request = json.loads((job.folder / "request.json").read_text())
-    assert request["config"] == {"device": "cpu", "precision": "fp16", "threads": 2}
-    assert request["wanted"] == [] and request["task"] == "smooth"
-    assert Path(request["inputs"]["image"]).is_file()
-    assert job.wait() == jobs.SUCCEEDED, job.error
 
 
 def test_cancel_stops_the_worker_at_its_next_check_and_leaves_no_files(mni_t1):

@@ -134,9 +134,11 @@ class SavedSettings:
         return {"DEEPMRI_MODEL_PATH": os.pathsep.join(map(str, paths))} if paths else {}
 
     def apply_to(self, logic: Any) -> Any:
-        """Give a `TaskLogic` these settings: its store, its worker's model folders, its default
-        run configuration. Returns the logic."""
-        logic.store = self.store()
+        """Give a `TaskLogic` these settings: where its store looks for models (the store itself
+        is made at the first run: it loads torch), its worker's model folders, its default run
+        configuration. Returns the logic."""
+        logic.store = None
+        logic.core_settings = self.core_settings()
         logic.worker_environment.update(self.worker_environment())
         logic.config = self.run_config()
         return logic

@@ -123,8 +123,8 @@ class _Crop:
 class TaskLogic:
     """Run one registered task on MRML nodes and add its outputs to the scene as new nodes.
 
-    `scene` defaults to `slicer.mrmlScene`. `store` (a `deepmri.models.ModelStore`) is where
-    in-process runs find models; `worker_environment` is added to a background worker's
+    `scene` defaults to `slicer.mrmlScene`. `store` (a `deepmri.models.ModelStore`, or one
+    made from `core_settings` at the first run) is where in-process runs find models; `worker_environment` is added to a background worker's
     environment (extra model folders, a PYTHONPATH for plug-in tasks); `config` is the
     `RunConfig` of runs that are given none.
     """
@@ -142,6 +142,7 @@ class TaskLogic:
         self.store = store
         self.worker_environment = dict(worker_environment or {})
         self.config: RunConfig | None = None
+        self.core_settings: Any = None  # deepmri.settings.Settings for a store made on first use
 
     @property
     def scene(self) -> Any:
@@ -150,6 +151,15 @@ class TaskLogic:
     @property
     def task(self) -> Task:
         return get_task(self.task_name)
+
+    def model_store(self) -> Any:
+        """The store in-process runs use: `store`, else one from `core_settings` (made here, on
+        first use, as it loads torch), else None (the task's default store)."""
+        if self.store is None and self.core_settings is not None:
+            from deepmri.models import ModelStore
+
+            self.store = ModelStore(settings=self.core_settings)
+        return self.store
 
     def default_config(self) -> RunConfig:
         """The run configuration when a run is given none: `self.config` (the Slicer modules set
@@ -186,7 +196,7 @@ class TaskLogic:
             progress=sub_progress(progress, 0.0, 0.95),
             cancel=cancel,
             wanted=wanted,
-            store=self.store,
+            store=self.model_store(),
         )
         result = self.task(images, options, context)
         check_cancel(cancel)
