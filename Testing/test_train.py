@@ -6,6 +6,7 @@ Fast by design (tiny grids, two iterations); the head registration and real runs
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,13 @@ import torch
 pytest.importorskip("nilearn")
 
 from deepmri.intensity import normalize_percentile  # noqa: E402
-from deepmri.train.labels import BRAIN_LABELS, SHELL_FIRST, mni_source  # noqa: E402
+from deepmri.train.labels import (  # noqa: E402
+    BRAIN_LABELS,
+    CSF,
+    OUTER_CSF,
+    SHELL_FIRST,
+    mni_source,
+)
 from deepmri.train.synth import (  # noqa: E402
     BRAIN_EXTRACTION,
     BRAIN_TISSUE,
@@ -48,8 +55,11 @@ def test_normalize_percentile_maps_positive_voxels_to_unit_range():
 def test_mni_label_map_is_brain_only_with_plausible_tissue_volumes(sources):
     mni = sources["mni"]
     volumes = {value: int((mni.labels == value).sum()) / 1000 for value in BRAIN_LABELS}
-    # ml at 1 mm, measured: CSF 160, GM 1091, WM 636 for the ICBM152 2009a maps (argmax labels).
-    assert 140 < volumes[1] < 180 and 1050 < volumes[2] < 1130 and 600 < volumes[3] < 670
+    # ml at 1 mm, measured: CSF 160 (85 inside the tight brain, 75 around it), GM 1091, WM 636
+    # for the ICBM152 2009a maps (argmax labels).
+    assert 140 < volumes[CSF] + volumes[OUTER_CSF] < 180
+    assert 60 < volumes[OUTER_CSF] < 90 and 70 < volumes[CSF] < 100
+    assert 1050 < volumes[2] < 1130 and 600 < volumes[3] < 670
     assert set(np.unique(mni.labels)) == {0, *BRAIN_LABELS}
     assert np.allclose(mni.tissue.sum(0)[mni.labels > 0], 1.0, atol=1e-3)
     assert mni.distance[mni.labels > 0].max() == 0 and mni.distance.max() > 20
@@ -73,9 +83,22 @@ def test_generator_output_is_normalised_with_brain_targets(sources):
         image, target = generate(params, sources, SMALL)
         assert image.shape == SMALL.shape and image.dtype == np.float32
         assert 0.0 <= image.min() and image.max() <= 1.0
-        assert set(np.unique(target)) <= {0, 1}
+        assert set(np.unique(target)) <= {0, 1, 2}
         # Brain ~1.8 l at (4 mm)^3 = 64 ul per voxel; scaling and crops change it moderately.
-        assert 10_000 < target.sum() < 45_000
+        assert 10_000 < (target == 1).sum() < 45_000
+        # The CSF around the brain (label 2) is a thin rim: MNI's own 75 ml, plus the shell's.
+        assert (target == 2).sum() < 0.4 * (target == 1).sum()
+
+
+def test_shell_csf_rim_joins_the_default_mask_not_the_tight_brain(sources):
+    params = _mni_only(sample_parameters(3, BRAIN_EXTRACTION, sources, SMALL.spacing))
+    params.shells_mm = [3.0, 2.0, 3.0, 2.0, 5.0, 3.0]
+    params.crop_mm = [0.0] * 6
+    _, with_rim = generate(params, sources, SMALL)
+    params.shells_mm = []
+    _, without = generate(params, sources, SMALL)
+    assert np.array_equal(with_rim == 1, without == 1)
+    assert (with_rim == 2).sum() > 2 * (without == 2).sum()
 
 
 def test_shells_wrap_the_brain_without_touching_it(sources):
@@ -119,8 +142,9 @@ def test_two_iteration_training_run_writes_a_loadable_model(tmp_path):
         recipe_overrides={"shape": (32, 32, 32), "spacing": 5.0, "channels": (4, 8, 16, 32)},
         command="test",
     )
-    assert state["iteration"] == 2 and len(state["history"]) == 1
-    assert len(state["history"][0]["validation_dice"]) == 3
+    # Validation of the starting weights (iteration 0), then at the end.
+    assert state["iteration"] == 2 and [e["iteration"] for e in state["history"]] == [0, 2]
+    assert len(state["history"][-1]["validation_dice"]) == 3
     card = export(tmp_path / "run", tmp_path / "model")
     weights = load_file(str(tmp_path / "model" / card["weights"]["file"]))
     assert all(tensor.dtype == torch.float16 for tensor in weights.values())
@@ -144,3 +168,70 @@ def test_two_iteration_training_run_writes_a_loadable_model(tmp_path):
         command="test resume",
     )
     assert resumed["iteration"] == 3 and resumed["commands"] == ["test", "test resume"]
+
+
+TINY = {"shape": (32, 32, 32), "spacing": 5.0, "channels": (4, 8, 16, 32)}
+
+
+def _tiny_run(path, **options):
+    from deepmri.train.segment import train
+
+    torch.set_num_threads(1)
+    settings = dict(seed=4, threads=1, workers=0, validation_size=1, recipe_overrides=TINY)
+    return train(BRAIN_TISSUE, path, command="test", **(settings | options))
+
+
+def test_a_run_is_defined_by_its_iterations_not_the_clock(tmp_path):
+    first = _tiny_run(tmp_path / "a", max_iterations=3, validation_every=2)
+    second = _tiny_run(tmp_path / "b", max_iterations=3, validation_every=2, minutes=60.0)
+    weights = [torch.load(tmp_path / run / "best.pt", weights_only=True) for run in "ab"]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    # Validation at iteration 0 (the starting weights), every 2 iterations and at the end.
+    assert [entry["iteration"] for entry in first["history"]] == [0, 2, 3]
+    assert second["iteration"] == 3
+
+
+def test_init_from_copies_weights_and_widens_the_output_layer(tmp_path):
+    from deepmri.train.segment import RECIPES, build_network, export, load_initial_weights
+
+    _tiny_run(tmp_path / "run", max_iterations=2)
+    card = export(tmp_path / "run", tmp_path / "model")
+    assert card["training"]["cumulative_iterations"] == 2
+    narrow = build_network(replace(RECIPES[BRAIN_TISSUE], **TINY))
+    wide = build_network(replace(RECIPES[BRAIN_TISSUE], **TINY, labels=[{}] * 4))
+    assert load_initial_weights(narrow, tmp_path / "model")["iterations"] == 2
+    assert load_initial_weights(narrow, tmp_path / "run" / "checkpoint.pt")["iterations"] == 2
+    assert load_initial_weights(wide, tmp_path / "run" / "checkpoint.pt")["iterations"] == 2
+    for key, value in narrow.state_dict().items():
+        if value.shape == wide.state_dict()[key].shape:
+            assert torch.equal(wide.state_dict()[key], value), key
+    # The widened network computes the old outputs plus a copy of the last one.
+    image = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        narrow.eval(), wide.eval()
+        before, after = narrow(image), wide(image)
+    assert torch.allclose(after[:, :4], before, atol=1e-5)
+    assert torch.allclose(after[:, 4], before[:, 3], atol=1e-5)
+    # A warm start continues the cumulative count on the card.
+    state = _tiny_run(tmp_path / "warm", max_iterations=1, init_from=tmp_path / "model")
+    assert state["prior"]["iterations"] == 2
+    warm = export(tmp_path / "warm", tmp_path / "warm-model")
+    assert warm["training"]["cumulative_iterations"] == 3
+
+
+def test_export_keeps_metrics_only_for_the_same_weights(tmp_path):
+    from deepmri.train.segment import export
+
+    _tiny_run(tmp_path / "run", max_iterations=1)
+    card = export(tmp_path / "run", tmp_path / "model")
+    card_path = tmp_path / "model" / "card.json"
+    measured = json.loads(card_path.read_text()) | {"metrics": [{"name": "x", "value": 0.5}]}
+    card_path.write_text(json.dumps(measured))
+    again = export(tmp_path / "run", tmp_path / "model")
+    assert again["weights"]["sha256"] == card["weights"]["sha256"]
+    assert json.loads(card_path.read_text())["metrics"] == [{"name": "x", "value": 0.5}]
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    torch.save({key: value * 1.5 for key, value in best.items()}, tmp_path / "run" / "best.pt")
+    changed = export(tmp_path / "run", tmp_path / "model")
+    assert changed["weights"]["sha256"] != card["weights"]["sha256"]
+    assert json.loads(card_path.read_text())["metrics"] == []

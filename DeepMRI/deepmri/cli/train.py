@@ -20,11 +20,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     segment = tasks.add_parser("segment", help="brain-extraction or brain-tissue segmentation")
     segment.add_argument("--model", required=True, choices=["brain-extraction", "brain-tissue"])
     segment.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, log)")
-    segment.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
+    segment.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="run length: the learning-rate schedule and validation points follow it (reproducible)",
+    )
+    segment.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock limit (stops early; schedule follows it only without --iterations)",
+    )
     segment.add_argument("--seed", type=int, default=0)
     segment.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    segment.add_argument("--iterations", type=int, default=None, help="stop after N iterations")
-    segment.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    segment.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="MODEL_DIR_OR_CHECKPOINT",
+        help="warm start: a model folder (card.json + weights) or a checkpoint.pt / best.pt",
+    )
+    segment.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    segment.add_argument("--warmup", type=int, default=0, help="linear warm-up iterations")
+    segment.add_argument(
+        "--validation-size", type=int, default=24, help="fixed synthetic validation images"
+    )
+    segment.add_argument("--validate-every", type=int, default=250, help="iterations")
+    segment.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast (faster only with AMX/AVX-512)"
+    )
+    segment.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     segment.add_argument("--workers", type=int, default=1, help="data generation processes")
     segment.add_argument("--cache", type=Path, default=None, help="label-map cache (OUT/cache)")
     segment.add_argument(
@@ -41,6 +67,8 @@ def _segment(arguments: argparse.Namespace) -> int:
     from deepmri.train.segment import export, train
 
     if not arguments.export_only:
+        if arguments.iterations is None and arguments.minutes is None:
+            arguments.minutes = 30.0
         command = shlex.join(["deepmri", *sys.argv[1:]])
         state = train(
             arguments.model,
@@ -50,6 +78,12 @@ def _segment(arguments: argparse.Namespace) -> int:
             resume=arguments.resume,
             cache_dir=arguments.cache,
             max_iterations=arguments.iterations,
+            init_from=arguments.init_from,
+            learning_rate=arguments.lr,
+            warmup=arguments.warmup,
+            validation_size=arguments.validation_size,
+            validation_every=arguments.validate_every,
+            bf16=arguments.bf16,
             threads=arguments.threads,
             workers=arguments.workers,
             command=command,

@@ -2,6 +2,13 @@
 
 Everything is built from packages (nilearn's MNI ICBM152 2009a, the pydeface wheel) and cached as NIfTI,
 so a fresh machine rebuilds the same maps with one call. Colin27 is never touched here.
+
+The pydeface head's brain mask is a pseudo-label made once by deepbet (MIT; Fisch et al. 2024, a
+3D network trained on thousands of real T1 scans) and cached as `pydeface_deepbet_mask.nii.gz`:
+deepbet is needed only to make that file (the `train` extra), never to train from it or at run time.
+It replaced an affine + B-spline registration of the MNI brain whose lower edge stopped at the
+MNI template's own field of view (z = -72 mm in MNI space), well above the head's real lower
+cerebellum and brainstem: the network learned that flat edge (Docs/training.md).
 """
 
 from __future__ import annotations
@@ -26,9 +33,13 @@ ORIENTATION = "RAS"
 
 # Label values shared by all label maps (the generator draws one intensity per value).
 BACKGROUND, CSF, GREY, WHITE = 0, 1, 2, 3
-BRAIN_LABELS = (CSF, GREY, WHITE)
+TIGHT_LABELS = (CSF, GREY, WHITE)  # the brain without the CSF around it (ventricles included)
 HEAD_CLUSTERS_FIRST = 4  # 4.. : k-means classes of the real pydeface head outside the brain
 HEAD_CLUSTERS = 5
+OUTER_CSF = 9  # CSF between the brain's surface and the mask edge (inside the default mask)
+BRAIN_LABELS = (*TIGHT_LABELS, OUTER_CSF)  # the default mask: brain and the CSF around it
+TIGHT_CLOSING_MM = 3.0  # the tight brain: grey + white closed by this radius, holes filled
+DEEPBET_MASK = "pydeface_deepbet_mask.nii.gz"
 SHELL_FIRST = 10  # 10.. : synthetic shells around the MNI brain (SynthStrip-like)
 SHELL_NAMES = ("outer CSF", "inner table", "diploe", "outer table", "scalp", "fat")
 NUM_LABELS = SHELL_FIRST + len(SHELL_NAMES)
@@ -78,119 +89,6 @@ def fetch_pydeface_head(cache_dir: Path) -> Path:
     return target
 
 
-def register_mni_brain_to_head(
-    head: sitk.Image, progress: ProgressCallback = no_progress
-) -> sitk.Transform:
-    """Affine registration of the skull-stripped MNI T1 onto a whole-head T1 (mutual information).
-
-    Checked by eye, two tempting set-ups go wrong: a moving mask on the MNI brain lets the metric
-    ignore whatever falls outside it, so the brain shrinks into the head's brain interior; and a
-    thresholded brain mask of this blurred mean head leaks into the face and neck. What works: no
-    moving mask (the MNI's zero surround must meet the head's dark CSF and skull, not its brain),
-    a fixed mask of the head above the skull base (the neck and lower face have no MNI
-    counterpart), and a start that puts the top and back of the brain 8 mm inside the head's.
-    Returns the head->MNI transform (ITK's fixed-to-moving convention).
-    """
-    fixed = sitk.Cast(head, sitk.sitkFloat32)
-    moving = _mni_pseudo_head()
-    head_mask = sitk.BinaryFillhole(sitk.OtsuThreshold(fixed, 0, 1))
-    low, high = _physical_box(head_mask)
-    region = sitk.GetArrayFromImage(head_mask).astype(np.uint8)
-    region[_physical_heights(fixed) < high[2] - 175.0] = 0
-    fixed_mask = sitk.GetImageFromArray(region)
-    fixed_mask.CopyInformation(fixed)
-    brain_low, brain_high = _physical_box(_padded(load_mni152("t1")) > 0)
-    offset = (
-        (brain_low[0] + brain_high[0]) / 2 - (low[0] + high[0]) / 2,
-        brain_high[1] - (high[1] - 8.0),  # LPS: +y is posterior
-        brain_high[2] - (high[2] - 8.0),  # +z is superior
-    )
-    centre = tuple(float(v) for v in (brain_low + brain_high) / 2 - np.asarray(offset))
-    similarity = sitk.Similarity3DTransform()
-    similarity.SetCenter(centre)
-    similarity.SetTranslation(offset)
-    progress(0.1, "Similarity registration")
-    method = _registration([4, 2, 1], [2.0, 1.0, 0.0], 200)
-    method.SetMetricFixedMask(fixed_mask)
-    method.SetInitialTransform(similarity, inPlace=True)
-    method.Execute(fixed, moving)
-    affine = sitk.AffineTransform(3)
-    affine.SetCenter(similarity.GetCenter())
-    affine.SetMatrix(similarity.GetMatrix())
-    affine.SetTranslation(similarity.GetTranslation())
-    progress(0.6, "Affine registration")
-    method = _registration([2, 1], [1.0, 0.0], 150)
-    method.SetMetricFixedMask(fixed_mask)
-    method.SetInitialTransform(affine, inPlace=True)
-    method.Execute(fixed, moving)
-    progress(0.8, "B-spline refinement")
-    # The affine matches the inner anatomy; a coarse B-spline lets the brain edge meet the skull.
-    bspline = sitk.BSplineTransformInitializer(fixed, [4, 4, 4], order=3)
-    method = _registration([4, 2], [2.0, 1.0], 40)
-    method.SetMetricFixedMask(fixed_mask)
-    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=40)
-    method.SetMovingInitialTransform(affine)
-    method.SetInitialTransform(bspline, inPlace=True)
-    method.Execute(fixed, moving)
-    return sitk.CompositeTransform([affine, bspline])
-
-
-def _mni_pseudo_head(skull_mm: float = 6.0, scalp_mm: float = 6.0) -> sitk.Image:
-    """The MNI T1 wrapped in a dark skull band and a bright scalp band, on the padded grid.
-
-    Mutual information between the bare skull-stripped MNI and a whole head shrinks the brain
-    (the blurred cortex of a mean head passes for the MNI's zero surround); the bright scalp ring,
-    the strongest edge of a T1 head, pins the scale.
-    """
-    t1 = _padded(sitk.Cast(load_mni152("t1"), sitk.sitkFloat32))
-    values = sitk.GetArrayFromImage(t1)
-    distance = _outside_distance(values > 0, t1.GetSpacing())
-    bright = float(np.percentile(values[values > 0], 99))
-    values = np.where((distance > 0) & (distance <= skull_mm), 0.1 * bright, values)
-    scalp = (distance > skull_mm) & (distance <= skull_mm + scalp_mm)
-    values = np.where(scalp, 0.9 * bright, values)
-    head = sitk.GetImageFromArray(values.astype(np.float32))
-    head.CopyInformation(t1)
-    return head
-
-
-def _physical_heights(image: sitk.Image) -> np.ndarray:
-    """LPS z (superior) coordinate of every voxel, in array order (k, j, i)."""
-    k, j, i = np.meshgrid(*(np.arange(n) for n in image.GetSize()[::-1]), indexing="ij")
-    row = np.asarray(image.GetDirection()).reshape(3, 3)[2] * np.asarray(image.GetSpacing())
-    return image.GetOrigin()[2] + row[0] * i + row[1] * j + row[2] * k
-
-
-def _physical_box(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Min/max LPS corner of a mask's voxels (all 8 corners mapped, so any direction works)."""
-    index = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
-    low, high = index.min(0)[::-1], index.max(0)[::-1]
-    corners = [
-        mask.TransformIndexToPhysicalPoint([int(c) for c in (x, y, z)])
-        for x in (low[0], high[0])
-        for y in (low[1], high[1])
-        for z in (low[2], high[2])
-    ]
-    points = np.asarray(corners)
-    return points.min(0), points.max(0)
-
-
-def _registration(shrink, smooth, iterations) -> sitk.ImageRegistrationMethod:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=48)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.1, seed=13)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetShrinkFactorsPerLevel(shrink)
-    method.SetSmoothingSigmasPerLevel(smooth)
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6
-    )
-    method.SetOptimizerScalesFromPhysicalShift()
-    return method
-
-
 MNI_PAD_VOXELS = 24  # room around the MNI brain for synthetic shells and large rotations
 
 
@@ -202,6 +100,7 @@ def mni_source() -> LabelSource:
     white = sitk.GetArrayFromImage(_padded(reorient(load_mni152("wm"), ORIENTATION)))
     label_array = sitk.GetArrayFromImage(labels).astype(np.uint8)
     inside = label_array > 0
+    label_array = split_outer_csf(label_array, t1.GetSpacing())
     grey = grey.astype(np.float32) / 255.0 * inside
     white = white.astype(np.float32) / 255.0 * inside
     csf = np.clip(1.0 - grey - white, 0.0, 1.0) * inside
@@ -227,33 +126,40 @@ def _outside_distance(inside: np.ndarray, spacing) -> np.ndarray:
 
 
 def head_source(
-    head: sitk.Image, head_to_mni: sitk.Transform, clusters: int = HEAD_CLUSTERS, seed: int = 0
+    head: sitk.Image, brain_mask: sitk.Image, clusters: int = HEAD_CLUSTERS, seed: int = 0
 ) -> LabelSource:
-    """The pydeface whole head (RAS): registered MNI tissue as brain, k-means classes elsewhere.
+    """The pydeface whole head (RAS): `brain_mask` (deepbet) as brain, k-means classes elsewhere.
 
-    The brain labels are a pseudo-label (MNI warped by `head_to_mni`); outside it the head
-    (Otsu foreground, holes filled) is split into `clusters` intensity classes so the generator can
-    re-contrast real scalp, skull, face, eyes and neck.
+    Inside the mask, three intensity classes stand for CSF, grey and white matter (the generator
+    re-contrasts them); the tight brain is the non-CSF part closed by TIGHT_CLOSING_MM with holes
+    filled, and the CSF outside it becomes OUTER_CSF. Outside the mask the head (Otsu foreground,
+    holes filled) is split into `clusters` intensity classes so the generator can re-contrast real
+    scalp, skull, face, eyes and neck.
     """
     from sklearn.cluster import KMeans
 
     head = reorient(sitk.Cast(head, sitk.sitkFloat32), ORIENTATION)
-    brain = sitk.Resample(mni152_tissue_labels(), head, head_to_mni, sitk.sitkNearestNeighbor)
-    brain_array = sitk.GetArrayFromImage(brain).astype(np.uint8)
+    mask = sitk.Resample(brain_mask, head, sitk.Transform(), sitk.sitkNearestNeighbor)
+    inside = sitk.GetArrayFromImage(mask) > 0
     image = sitk.GetArrayFromImage(head).astype(np.float32)
-    grown = _grow_to_skull(brain_array > 0, image)
-    brain_array[grown & (brain_array == 0)] = CSF
+    rng = np.random.default_rng(seed)
+
+    def ranked_kmeans(values: np.ndarray, count: int) -> np.ndarray:
+        sample = rng.choice(len(values), min(len(values), 200_000), False)
+        kmeans = KMeans(n_clusters=count, n_init=4, random_state=seed).fit(values[sample, None])
+        order = np.argsort(kmeans.cluster_centers_[:, 0])
+        rank = np.empty_like(order)
+        rank[order] = np.arange(count)
+        return rank[kmeans.predict(values[:, None])]
+
+    brain_array = np.zeros(image.shape, dtype=np.uint8)
+    brain_array[inside] = CSF + ranked_kmeans(image[inside], 3)  # T1: CSF < grey < white
+    brain_array = split_outer_csf(brain_array, head.GetSpacing())
     foreground = sitk.BinaryFillhole(sitk.OtsuThreshold(head, 0, 1))
     foreground = sitk.BinaryMorphologicalClosing(foreground, [3, 3, 3])
-    outside_brain = (sitk.GetArrayFromImage(foreground) > 0) & (brain_array == 0)
-    values = image[outside_brain][:, None]
-    sample = np.random.default_rng(seed).choice(len(values), min(len(values), 200_000), False)
-    kmeans = KMeans(n_clusters=clusters, n_init=4, random_state=seed).fit(values[sample])
-    order = np.argsort(kmeans.cluster_centers_[:, 0])
-    rank = np.empty_like(order)
-    rank[order] = np.arange(clusters)
+    outside_brain = (sitk.GetArrayFromImage(foreground) > 0) & ~inside
     labels = brain_array.copy()
-    labels[outside_brain] = HEAD_CLUSTERS_FIRST + rank[kmeans.predict(values)]
+    labels[outside_brain] = HEAD_CLUSTERS_FIRST + ranked_kmeans(image[outside_brain], clusters)
     return LabelSource(
         name="head",
         grid=head,
@@ -264,37 +170,64 @@ def head_source(
     )
 
 
-def _grow_to_skull(brain: np.ndarray, image: np.ndarray, steps: int = 8) -> np.ndarray:
-    """Grow the registered brain, 1 voxel per step, into tissue brighter than the skull band.
+def split_outer_csf(labels: np.ndarray, spacing) -> np.ndarray:
+    """Relabel the CSF outside the tight brain (grey + white, closed, holes filled) as OUTER_CSF.
 
-    Mutual information aligns the MNI's inner anatomy, but on this mean head it leaves the brain
-    edge 5-8 mm short of the inner skull (intensity profiles and overlays, checked by eye); the dark
-    skull stops the growth, and `steps` bounds any leak where the band is faint.
+    The tight brain follows the cortex and keeps the ventricles and narrow sulci; what is left of
+    the mask is the CSF around the brain, which the default mask includes and `--no-csf` drops.
     """
     from scipy import ndimage
 
-    threshold = 0.5 * float(np.median(image[brain]))
-    allowed = image > threshold
-    structure = ndimage.generate_binary_structure(3, 1)
-    grown = brain.copy()
-    for _ in range(steps):
-        grown = grown | (ndimage.binary_dilation(grown, structure) & allowed)
-    return ndimage.binary_fill_holes(grown)
+    tissue = np.isin(labels, (GREY, WHITE))
+    radius = np.maximum(np.round(TIGHT_CLOSING_MM / np.asarray(spacing[::-1])), 1).astype(int)
+    zz, yy, xx = np.meshgrid(*(np.arange(-r, r + 1) for r in radius), indexing="ij")
+    ball = (zz / radius[0]) ** 2 + (yy / radius[1]) ** 2 + (xx / radius[2]) ** 2 <= 1.0
+    pad = [(r, r) for r in radius]
+    closed = ndimage.binary_closing(np.pad(tissue, pad), ball)[tuple(slice(r, -r) for r in radius)]
+    tight = ndimage.binary_fill_holes(closed | tissue)
+    components, count = ndimage.label(tight)
+    if count > 1:
+        sizes = ndimage.sum(tight, components, range(1, count + 1))
+        tight = components == (int(np.argmax(sizes)) + 1)
+    output = labels.copy()
+    output[(labels == CSF) & ~tight] = OUTER_CSF
+    return output
+
+
+def deepbet_head_mask(head_path: Path, cache_dir: Path) -> sitk.Image:
+    """The pydeface head's brain mask from deepbet, made once and cached as NIfTI.
+
+    deepbet (MIT, PyPI `deepbet`, TorchScript weights in the wheel) is a peer brain extractor;
+    here it only makes this pseudo-label. Its mask includes the CSF around the brain, like the
+    default DeepMRI mask; the tight brain inside it is derived from intensities (head_source).
+    """
+    path = Path(cache_dir) / DEEPBET_MASK
+    if not path.exists():
+        try:
+            from deepbet import BrainExtraction
+        except ImportError as error:
+            raise TrainingDataError(
+                "The pydeface head's brain label is made once by deepbet: pip install --no-deps "
+                "deepbet connected-components-3d fill_voids nibabel pandas tqdm (the 'train' "
+                f"extra), or put a cached {DEEPBET_MASK} in {cache_dir} ({error})."
+            ) from error
+        import torch
+
+        threads = torch.get_num_threads()
+        extractor = BrainExtraction(no_gpu=True)
+        _, mask, _ = extractor.run(str(head_path), mask_path=str(path))
+        torch.set_num_threads(threads)
+    return sitk.ReadImage(str(path), sitk.sitkUInt8)
 
 
 def build_sources(
     cache_dir: Path, task: str, progress: ProgressCallback = no_progress
 ) -> dict[str, LabelSource]:
-    """All label sources for `task`, building (and caching) the head registration on first use."""
+    """All label sources for `task`, making (and caching) the head's deepbet mask on first use."""
     sources = {"mni": mni_source()}
     if task == "brain-extraction":
         head_path = fetch_pydeface_head(cache_dir)
         head = sitk.ReadImage(str(head_path), sitk.sitkFloat32)
-        transform_path = Path(cache_dir) / "pydeface_head_to_mni152.tfm"
-        if transform_path.exists():
-            transform = sitk.ReadTransform(str(transform_path))
-        else:
-            transform = register_mni_brain_to_head(head, progress)
-            sitk.WriteTransform(transform, str(transform_path))
-        sources["head"] = head_source(head, transform)
+        progress(0.05, "Brain label of the pydeface head (deepbet, cached)")
+        sources["head"] = head_source(head, deepbet_head_mask(head_path, cache_dir))
     return sources

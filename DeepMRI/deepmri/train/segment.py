@@ -1,7 +1,10 @@
 """Training recipe for the shipped segmentation models: brain-extraction and brain-tissue.
 
-Endless synthetic images (deepmri.train.synth) feed a small MONAI UNet under a wall-clock budget;
-checkpoints every few minutes allow --resume, and a fixed-seed synthetic validation set picks the weights.
+Endless synthetic images (deepmri.train.synth) feed a small MONAI UNet. A run is defined by its
+iterations (the learning-rate schedule and validation points are tied to them, so a run is
+reproducible under any load; a wall-clock limit only stops it early); checkpoints every few
+minutes allow --resume, `init_from` warm-starts from a shipped model or a checkpoint (the card
+records cumulative iterations and hours), and a fixed-seed synthetic validation set picks the weights.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ VALIDATION_SEED_BASE = 900_000_000  # never reached by training seeds (seed * 1e
 SNOMED = "SCT"
 LICENSE = (
     "Apache-2.0 (weights); trained on MNI ICBM152 2009a (© McConnell Brain Imaging Centre) "
-    "and pydeface mean head"
+    "and pydeface mean head (MIT), whose brain pseudo-label was made by deepbet (MIT)"
 )
 
 
@@ -90,9 +93,16 @@ RECIPES = {
         model_id=BRAIN_EXTRACTION,
         spacing=2.0,
         shape=(96, 112, 96),
-        labels=[_label(1, "Brain", [0.87, 0.72, 0.53], "12738006", "Brain")],
+        labels=[
+            _label(1, "Brain", [0.87, 0.72, 0.53], "12738006", "Brain"),
+            _label(2, "CSF around the brain", [0.35, 0.6, 0.95], "65216001", "Cerebrospinal fluid"),
+        ],
         postprocessing=["largest_component", "fill_holes"],
-        description="Brain mask (brain and the CSF around it) on whole-head or skull-stripped MRI.",
+        description=(
+            "Brain mask on whole-head or skull-stripped MRI: label 1 the brain (grey and white "
+            "matter, ventricles), label 2 the CSF around it; the default mask is both labels, "
+            "the tight (--no-csf) mask label 1 with its holes filled."
+        ),
     ),
     BRAIN_TISSUE: Recipe(
         model_id=BRAIN_TISSUE,
@@ -148,45 +158,131 @@ def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, classes: int)
     return scores
 
 
-def validate(network: torch.nn.Module, pairs, classes: int) -> list[float]:
-    """Mean Dice per foreground class over the fixed validation pairs."""
+def validation_scores(
+    prediction: torch.Tensor, target: torch.Tensor, model_id: str, classes: int
+) -> list[float]:
+    """brain-extraction: Dice of the mask (labels > 0) and of the tight brain (label 1, or the
+    mask of a one-label model); tissue: Dice per class."""
+    if model_id != BRAIN_EXTRACTION:
+        return dice_per_class(prediction, target, classes)
+    mask = dice_per_class((prediction > 0).long(), (target > 0).long(), 2)
+    tight = dice_per_class((prediction == 1).long(), (target == 1).long(), 2)
+    return mask + (tight if classes > 2 else [math.nan])
+
+
+def validate(
+    network: torch.nn.Module, pairs, classes: int, model_id: str = BRAIN_TISSUE
+) -> list[float]:
+    """Mean validation scores (see validation_scores) over the fixed validation pairs."""
     network.eval()
     scores = []
     with torch.no_grad():
         for image, target in pairs:
             prediction = network(image[None]).argmax(1)
-            scores.append(dice_per_class(prediction[0], target[0], classes))
+            scores.append(validation_scores(prediction[0], target[0], model_id, classes))
     network.train()
     return np.mean(np.asarray(scores), axis=0).round(4).tolist()
+
+
+def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, Any]:
+    """Warm start from a model folder (card.json + weights.safetensors), a checkpoint.pt or best.pt.
+
+    Tensors of the same shape are copied; where the output channels differ (a one-label model
+    into a two-label one) the new channel starts as a copy of the last old one (`_widened`), so
+    the new label starts as a copy of the old foreground. Returns what the source says of
+    its training so far (iterations, minutes) for the cumulative figures on the card.
+    """
+    source = Path(source)
+    prior: dict[str, Any] = {"from": str(source), "iterations": 0, "minutes": 0.0}
+    if source.is_dir() and (source / "card.json").exists():
+        from safetensors.torch import load_file
+
+        card = json.loads((source / "card.json").read_text())
+        weights = load_file(str(source / card["weights"]["file"]))
+        training = card.get("training") or {}
+        prior["iterations"] = int(
+            training.get("cumulative_iterations", training.get("iterations", 0))
+        )
+        prior["minutes"] = float(training.get("cumulative_minutes", training.get("minutes", 0.0)))
+        prior["from"] = f"{card['id']} {card.get('version', '')} ({source})"
+    else:
+        path = source / "checkpoint.pt" if source.is_dir() else source
+        saved = torch.load(path, weights_only=True)
+        weights = saved.get("network", saved)
+        state = saved.get("state") if isinstance(saved.get("state"), dict) else None
+        if state is not None:
+            prior["iterations"] = int(state.get("cumulative_iterations", state["iteration"]))
+            prior["minutes"] = float(state.get("cumulative_minutes", state["elapsed"] / 60.0))
+    own = network.state_dict()
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise DeepMRIError(f"{source} does not match this network: {missing[:3]} missing")
+    for key, target in own.items():
+        own[key] = _widened(weights[key].to(target.dtype), target.shape, f"{source}: {key}")
+    network.load_state_dict(own)
+    return prior
+
+
+def _widened(value: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    """`value` grown to `shape`: new output channels copy the last old one; new input channels
+    (the second mismatched axis, as in a Conv3d's (out, in, ...) weight) get zero weights, so the
+    widened layer computes the old outputs plus copies of the last one."""
+    if value.shape == shape:
+        return value
+    axes = [a for a, (old, new) in enumerate(zip(value.shape, shape, strict=True)) if old != new]
+    if (
+        len(value.shape) != len(shape)
+        or len(axes) > 2
+        or any(value.shape[a] > shape[a] for a in axes)
+    ):
+        raise DeepMRIError(f"{name} has shape {tuple(value.shape)}, the network {tuple(shape)}")
+    old = value.shape[axes[0]]
+    value = value.index_select(axes[0], torch.clamp(torch.arange(shape[axes[0]]), max=old - 1))
+    if len(axes) == 2:
+        pad = list(value.shape)
+        pad[axes[1]] = shape[axes[1]] - value.shape[axes[1]]
+        value = torch.cat([value, value.new_zeros(pad)], dim=axes[1])
+    return value
 
 
 def train(
     model_id: str,
     out_dir: Path,
-    minutes: float,
+    minutes: float | None = None,
     seed: int = 0,
     *,
     resume: bool = False,
     cache_dir: Path | None = None,
     max_iterations: int | None = None,
-    threads: int = 2,
-    validation_size: int = 8,
-    validation_minutes: float = 4.0,
+    init_from: Path | None = None,
+    threads: int = 1,
+    validation_size: int = 24,
+    validation_every: int = 250,
     checkpoint_minutes: float = 3.0,
+    learning_rate: float | None = None,
+    warmup: int = 0,
+    bf16: bool = False,
     recipe_overrides: dict[str, Any] | None = None,
     workers: int = 1,
     command: str | None = None,
     progress: ProgressCallback = no_progress,
     cancel: CancelLike | None = None,
 ) -> dict[str, Any]:
-    """Train `model_id` for `minutes` of wall time (or `max_iterations`), keeping the best weights.
+    """Train `model_id` for `max_iterations` (and at most `minutes` of wall time), keeping the best.
 
-    Writes out_dir/checkpoint.pt (resumable), out_dir/best.pt (best validation Dice) and
-    out_dir/history.json; returns the history. Exporting to a model folder is `export`.
+    The learning rate follows a polynomial decay over the run's iterations (after `warmup` linear
+    iterations) and validation happens every `validation_every` iterations and at the end, so the
+    same command gives the same run whatever the load; without `max_iterations` the schedule falls
+    back to the wall-clock budget. Writes out_dir/checkpoint.pt (resumable), out_dir/best.pt (best
+    mean validation score) and out_dir/history.json; returns the state. Export with `export`.
     """
     if model_id not in RECIPES:
         raise DeepMRIError(f"Unknown model '{model_id}'; choose one of {sorted(RECIPES)}.")
+    if max_iterations is None and minutes is None:
+        raise DeepMRIError("Give the run's length: iterations (reproducible) or minutes.")
     recipe = replace(RECIPES[model_id], **(recipe_overrides or {}))
+    if learning_rate is not None:
+        recipe = replace(recipe, learning_rate=learning_rate)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir or out_dir / "cache")
@@ -200,7 +296,6 @@ def train(
         for index in range(validation_size)
     ]
     network = build_network(recipe)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
     state = {
         "iteration": 0,
         "elapsed": 0.0,
@@ -210,12 +305,16 @@ def train(
         "model_id": model_id,
         "recipe": recipe.network_config() | {"spacing": recipe.spacing, "shape": recipe.shape},
         "commands": [],
+        "prior": {"from": None, "iterations": 0, "minutes": 0.0},
+        "learning_rate": recipe.learning_rate,
+        "warmup": warmup,
+        "bf16": bf16,
     }
     checkpoint_path = out_dir / "checkpoint.pt"
+    saved = None
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, weights_only=True)
         network.load_state_dict(saved["network"])
-        optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         # A fully convolutional network continues on a new patch size; the card records the last,
         # and validation scores on the new grid are not comparable with the old best.
@@ -225,10 +324,24 @@ def train(
             "spacing": recipe.spacing,
             "shape": recipe.shape,
         }
+        state.setdefault("prior", {"from": None, "iterations": 0, "minutes": 0.0})
         print(f"resumed at iteration {state['iteration']}", flush=True)
+    elif init_from is not None:
+        state["prior"] = load_initial_weights(network, Path(init_from))
+        print(f"initialised from {state['prior']}", flush=True)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     state["commands"].append(command or shlex.join(sys.argv))
     state["validation_size"] = validation_size
-    state["budget_minutes"] = state.get("elapsed", 0.0) / 60.0 + minutes
+    if max_iterations is not None:
+        state["target_iterations"] = max_iterations
+    state["budget_minutes"] = state.get("elapsed", 0.0) / 60.0 + (minutes or math.inf)
+    base_rate, warmup = state.get("learning_rate", recipe.learning_rate), state.get("warmup", 0)
+    if state["best"] < 0 and state["iteration"] == 0:
+        scores = validate(network, validation, recipe.out_channels, model_id)
+        state["history"].append({"iteration": 0, "minutes": 0.0, "validation_dice": scores})
+        print(json.dumps(state["history"][-1]), flush=True)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     stream = SyntheticStream(recipe, sources, seed, state["iteration"])
     loader = torch.utils.data.DataLoader(
@@ -236,28 +349,37 @@ def train(
     )
     started, session_start = time.time(), state["elapsed"]
     first_iteration = state["iteration"]
-    last_checkpoint = last_validation = started
+    last_checkpoint = started
     running = []
     network.train()
     for image, target in loader:
         check_cancel(cancel)
         elapsed_session = time.time() - started
         state["elapsed"] = session_start + elapsed_session
-        fraction = min(state["elapsed"] / (state["budget_minutes"] * 60.0), 1.0)
+        if state.get("target_iterations"):
+            fraction = state["iteration"] / state["target_iterations"]
+        else:
+            fraction = state["elapsed"] / (state["budget_minutes"] * 60.0)
+        fraction = min(fraction, 1.0)
+        rate = base_rate * max((1.0 - fraction) ** 0.9, 0.02)
+        if warmup and state["iteration"] < warmup:
+            rate *= (state["iteration"] + 1) / warmup
         for group in optimizer.param_groups:
-            group["lr"] = recipe.learning_rate * max((1.0 - fraction) ** 0.9, 0.02)
+            group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_function(network(image), target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            output = network(image)
+        loss = loss_function(output.float(), target)
         loss.backward()
         optimizer.step()
         state["iteration"] += 1
         running.append(loss.item())
-        done = elapsed_session >= minutes * 60.0 or (
+        done = (minutes is not None and elapsed_session >= minutes * 60.0) or (
             max_iterations is not None and state["iteration"] >= max_iterations
         )
         now = time.time()
-        if done or now - last_validation >= validation_minutes * 60.0:
-            scores = validate(network, validation, recipe.out_channels)
+        if done or state["iteration"] % validation_every == 0:
+            scores = validate(network, validation, recipe.out_channels, model_id)
             entry = {
                 "iteration": state["iteration"],
                 "minutes": round(state["elapsed"] / 60.0, 2),
@@ -267,19 +389,19 @@ def train(
             state["history"].append(entry)
             running = []
             print(json.dumps(entry), flush=True)
-            if float(np.mean(scores)) > state["best"]:
-                state["best"] = float(np.mean(scores))
+            score = float(np.nanmean(scores))
+            if score > state["best"]:
+                state["best"] = score
                 state["best_iteration"] = state["iteration"]
                 torch.save(network.state_dict(), out_dir / "best.pt")
-            last_validation = now
         if done or now - last_checkpoint >= checkpoint_minutes * 60.0:
             _save_checkpoint(checkpoint_path, network, optimizer, state)
             last_checkpoint = now
-        if state["iteration"] % 25 == 0:
-            rate = (state["iteration"] - first_iteration) / max(elapsed_session, 1e-6) * 60.0
+        if state["iteration"] % 25 == 0 and running:
+            speed = (state["iteration"] - first_iteration) / max(elapsed_session, 1e-6) * 60.0
             print(
                 f"iteration {state['iteration']} loss {np.mean(running[-25:]):.4f} "
-                f"{rate:.1f} it/min lr {optimizer.param_groups[0]['lr']:.2e}",
+                f"{speed:.1f} it/min lr {optimizer.param_groups[0]['lr']:.2e}",
                 flush=True,
             )
         progress(fraction, f"iteration {state['iteration']}, loss {loss.item():.3f}")
@@ -290,6 +412,9 @@ def train(
 
 
 def _save_checkpoint(path: Path, network, optimizer, state) -> None:
+    prior = state.get("prior") or {}
+    state["cumulative_iterations"] = int(prior.get("iterations", 0)) + state["iteration"]
+    state["cumulative_minutes"] = float(prior.get("minutes", 0.0)) + state["elapsed"] / 60.0
     temporary = path.with_suffix(".tmp")
     torch.save(
         {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
@@ -319,8 +444,15 @@ def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, 
     except ImportError:  # the model store is optional for training
         save_model = None
     card = _card(recipe, state, version)
+    # Held-out metrics belong to weights: kept when the exported weights are byte-identical to the
+    # folder's (a re-export), otherwise left empty until the evaluation runs with --update-cards.
+    previous = _previous_card(model_dir)
     if save_model is not None:
-        return save_model(network, card, model_dir, dtype="float16").card.to_dict()
+        exported = save_model(network, card, model_dir, dtype="float16").card.to_dict()
+        if previous and previous.get("weights", {}).get("sha256") == exported["weights"]["sha256"]:
+            exported["metrics"] = previous.get("metrics", [])
+            (model_dir / "card.json").write_text(json.dumps(exported, indent=2) + "\n")
+        return exported
     model_dir.mkdir(parents=True, exist_ok=True)
     weights_path = model_dir / "weights.safetensors"
     state_dict = {
@@ -334,8 +466,17 @@ def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, 
         "size": len(payload),
         "dtype": "float16",
     }
+    if previous and previous.get("weights", {}).get("sha256") == card["weights"]["sha256"]:
+        card["metrics"] = previous.get("metrics", [])
     (model_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+def _previous_card(model_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(model_dir) / "card.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]:
@@ -348,9 +489,12 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
         else "Synthetic images from label maps with random contrast, deformation, bias, blur, thick "
         "slices, noise, gamma, inversion and field-of-view crops: (a) the MNI ICBM152 2009a brain "
         "wrapped in random synthetic shells (CSF rim, skull tables, diploe, scalp, fat) or left "
-        "skull-stripped; (b) the pydeface mean whole head, whose brain mask is a PSEUDO-LABEL (MNI "
-        "brain registered affine + B-spline) and whose non-brain head is split into 5 k-means "
-        "intensity classes; mixed with the augmented real MNI T1 and pydeface head. No Colin27."
+        "skull-stripped; (b) the pydeface mean whole head, whose brain mask is a PSEUDO-LABEL made "
+        "by deepbet 1.0.2 (MIT; Fisch et al. 2024) on that head, checked by eye in three planes, "
+        "and whose non-brain head is split into 5 k-means intensity classes; mixed with the "
+        "augmented real MNI T1 and pydeface head. Label 1 (tight brain) is grey + white matter "
+        "closed by 3 mm with holes filled; label 2 is the rest of the mask (CSF around the brain). "
+        "No Colin27."
     )
     return {
         "id": recipe.model_id,
@@ -384,11 +528,28 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
             "iterations": state["iteration"],
             "best_iteration": state.get("best_iteration"),
             "minutes": round(state["elapsed"] / 60.0, 1),
+            "initialised_from": (state.get("prior") or {}).get("from"),
+            "cumulative_iterations": int((state.get("prior") or {}).get("iterations", 0))
+            + state["iteration"],
+            "cumulative_minutes": round(
+                float((state.get("prior") or {}).get("minutes", 0.0)) + state["elapsed"] / 60.0, 1
+            ),
+            "cumulative_hours": round(
+                (float((state.get("prior") or {}).get("minutes", 0.0)) + state["elapsed"] / 60.0)
+                / 60.0,
+                2,
+            ),
+            "bf16_autocast": bool(state.get("bf16", False)),
             "seed": state["seed"],
             "validation": state["history"][-1] if state["history"] else None,
             "validation_set": f"{state.get('validation_size', 8)} synthetic images from the same "
             f"generator, seeds {VALIDATION_SEED_BASE}+i (never used for training); the weights "
-            "are those of the best mean validation Dice",
+            "are those of the best mean validation score"
+            + (
+                " (mean of the mask Dice and the tight-brain Dice)"
+                if recipe.model_id == BRAIN_EXTRACTION
+                else " (mean Dice of CSF, GM, WM)"
+            ),
         },
         "license": LICENSE,
         "citation": (

@@ -20,9 +20,12 @@ from scipy import ndimage
 from deepmri.intensity import normalize_percentile
 from deepmri.train.labels import (
     BRAIN_LABELS,
+    CSF,
     NUM_LABELS,
+    OUTER_CSF,
     SHELL_FIRST,
     SHELL_NAMES,
+    TIGHT_LABELS,
     LabelSource,
 )
 
@@ -85,7 +88,7 @@ def sample_parameters(
     shells: list[float] = []
     if task == BRAIN_EXTRACTION and source == "mni" and rng.random() < 0.75:
         shells = [
-            float(rng.uniform(0.0, 3.0)),  # outer CSF
+            float(rng.uniform(1.0, 3.5)),  # outer CSF: inside the default mask (label 2)
             float(rng.uniform(1.0, 3.0)),  # inner table
             float(rng.uniform(1.0, 5.0)),  # diploe
             float(rng.uniform(1.0, 3.0)),  # outer table
@@ -100,6 +103,9 @@ def sample_parameters(
     if rng.random() < 0.7:
         means[0] = rng.uniform(0.0, 0.05)  # air is dark in most MRI
     stds = rng.uniform(0.0, 0.08, NUM_LABELS)
+    # CSF is one fluid: around the brain it looks as in the ventricles (a little darker or not).
+    means[OUTER_CSF] = means[CSF] * rng.uniform(0.85, 1.0)
+    stds[OUTER_CSF] = stds[CSF]
     rotation_limit = 25.0 if task == BRAIN_EXTRACTION else 15.0
     crop = [0.0] * 6
     if task == BRAIN_EXTRACTION and rng.random() < 0.35:
@@ -118,7 +124,7 @@ def sample_parameters(
         rotation_deg=rng.uniform(-rotation_limit, rotation_limit, 3).tolist(),
         scaling=np.exp(rng.normal(0.0, 0.07, 3)).tolist(),
         shear=rng.uniform(-0.05, 0.05, 3).tolist(),
-        translation_mm=(rng.uniform(-1.0, 1.0, 3) * _shift_range(task)).tolist(),
+        translation_mm=(rng.uniform(-1.0, 1.0, 3) * _shift_range(task, rng)).tolist(),
         deformation_mm=float(rng.uniform(0.0, 4.0)),
         means=means.tolist(),
         stds=stds.tolist(),
@@ -134,11 +140,20 @@ def sample_parameters(
     )
 
 
-def _shift_range(task: str) -> np.ndarray:
-    """Translation limits (z, y, x) in mm: whole heads move a little; tissue patches roam the brain."""
+def _shift_range(task: str, rng) -> np.ndarray:
+    """Translation limits (z, y, x) in mm: tissue patches roam the brain; whole heads move a little
+    (half the images) or far enough that the brain meets and crosses the patch border.
+
+    With +-20 mm only, the brain never came near the patch's lower border in training, and the
+    zero-padded convolutions learned where in the patch brain may be: at inference an image whose
+    brain sits low in the window (Colin27, the MNI T1, whose brain touches its field of view's
+    lower edge) lost everything below a flat plane ~30 mm above the window's lower border.
+    """
     if task == BRAIN_TISSUE:
         return np.array([50.0, 65.0, 55.0])
-    return np.array([20.0, 20.0, 20.0])
+    if rng.random() < 0.5:
+        return np.array([20.0, 20.0, 20.0])
+    return np.array([55.0, 50.0, 45.0])
 
 
 def generate(
@@ -146,7 +161,8 @@ def generate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image (float32, normalised as at inference) and target labels (uint8) on `grid`.
 
-    Targets: brain-extraction 0/1 (brain = CSF, GM, WM of the MNI brain); brain-tissue 0-3.
+    Targets: brain-extraction 0 background, 1 brain (tight: grey, white, ventricles and narrow
+    sulci), 2 the CSF around it (the default mask is 1 + 2); brain-tissue 0-3.
     """
     source = sources[params.source]
     rng = np.random.default_rng([params.seed, 1])
@@ -161,10 +177,11 @@ def generate(
 
 
 def _brain_extraction_image(params, source, sampling, labels, grid, rng):
-    brain = np.isin(labels, BRAIN_LABELS)
     if params.shells_mm:
         distance = _warp(source.distance[None], sampling, "bilinear")[0]
         labels = _add_shells(labels, distance, params, grid, rng)
+    brain = np.isin(labels, BRAIN_LABELS)
+    classes = np.where(np.isin(labels, TIGHT_LABELS), 1, np.where(labels == OUTER_CSF, 2, 0))
     head = labels > 0
     synthetic = _synthetic_intensities(labels, params, rng)
     if params.mode == "synthetic":
@@ -178,11 +195,12 @@ def _brain_extraction_image(params, source, sampling, labels, grid, rng):
             image = real
     image = _finish(image, head, params, grid, rng)
     image = normalize_percentile(_crop_field_of_view(image, params, grid))
-    target = _crop_field_of_view(brain.astype(np.uint8), params, grid)
+    target = _crop_field_of_view(classes.astype(np.uint8), params, grid)
     return image, target
 
 
 def _tissue_image(params, source, sampling, labels, grid, rng):
+    labels = np.where(labels == OUTER_CSF, CSF, labels).astype(np.uint8)
     brain = labels > 0
     if params.mask_margin_voxels:
         structure = ndimage.generate_binary_structure(3, 1)
@@ -255,7 +273,11 @@ def _synthetic_intensities(labels: np.ndarray, params, rng) -> np.ndarray:
 
 
 def _add_shells(labels, distance, params, grid, rng) -> np.ndarray:
-    """Label voxels outside the brain by their (wobbled) distance: CSF rim, skull, scalp, fat."""
+    """Label voxels outside the brain by their (wobbled) distance: CSF rim, skull, scalp, fat.
+
+    The CSF rim becomes OUTER_CSF (inside the default mask, as on the pydeface head, whose deepbet
+    mask holds a 2-3 mm CSF rim; the MNI template's own mask is nearly tight).
+    """
     wobble = _smooth_noise(labels.shape, params.shell_wobble_mm, rng)
     distance = distance + wobble
     output = labels.copy()
@@ -263,7 +285,7 @@ def _add_shells(labels, distance, params, grid, rng) -> np.ndarray:
     edge = 0.0
     for index, thickness in enumerate(params.shells_mm[: len(SHELL_NAMES)]):
         shell = outside & (distance > edge) & (distance <= edge + thickness)
-        output[shell] = SHELL_FIRST + index
+        output[shell] = OUTER_CSF if index == 0 else SHELL_FIRST + index
         edge += thickness
     return output
 
@@ -278,27 +300,30 @@ def _sampling_grid(params, source: LabelSource, grid: GridSpec, rng) -> torch.Te
     """grid_sample coordinates mapping each training voxel to the source, via affine + smooth warp.
 
     Both grids are RAS-oriented arrays (z, y, x); work in the source's voxel-aligned mm frame.
+    float32 torch throughout (a float64 numpy grid took a third of the generator's time); the
+    coordinates stay within 0.001 mm of the float64 ones.
     """
-    shape = np.asarray(grid.shape)
+    shape = tuple(int(n) for n in grid.shape)
     source_spacing = np.asarray(source.grid.GetSpacing())[::-1]  # (z, y, x)
     source_shape = np.asarray(source.labels.shape)
-    centre = _brain_centre_mm(source)
-    axes = [(np.arange(n) - (n - 1) / 2) * grid.spacing for n in shape]
-    zz, yy, xx = np.meshgrid(*axes, indexing="ij")
-    points = np.stack([zz, yy, xx], axis=-1).reshape(-1, 3)
-    matrix = _affine_matrix(params)
-    moved = points @ matrix.T + centre + np.asarray(params.translation_mm)
+    centre = _brain_centre_mm(source) + np.asarray(params.translation_mm)
+    axes = [(torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * grid.spacing for n in shape]
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    matrix = torch.from_numpy(_affine_matrix(params).T.astype(np.float32))
+    moved = points.reshape(-1, 3) @ matrix
+    moved += torch.from_numpy(centre.astype(np.float32))
+    moved = moved.reshape(*shape, 3)
     if params.deformation_mm > 0:
         coarse = rng.normal(0.0, params.deformation_mm, (1, 3, 5, 5, 5)).astype(np.float32)
         field = F.interpolate(
-            torch.from_numpy(coarse), size=tuple(shape), mode="trilinear", align_corners=True
+            torch.from_numpy(coarse), size=shape, mode="trilinear", align_corners=True
         )
-        moved = moved + field[0].reshape(3, -1).T.numpy()
-    index = moved / source_spacing
-    normalised = 2.0 * index / np.maximum(source_shape - 1, 1) - 1.0
+        moved += field[0].permute(1, 2, 3, 0)
+    scale = 2.0 / (source_spacing * np.maximum(source_shape - 1, 1))
+    moved *= torch.from_numpy(scale.astype(np.float32))
+    moved -= 1.0
     # grid_sample wants (x, y, z) order in the last dimension.
-    sampling = torch.from_numpy(normalised[:, ::-1].astype(np.float32).copy())
-    return sampling.reshape(1, *shape, 3)
+    return moved.flip(-1)[None].contiguous()
 
 
 _CACHE: dict[tuple[int, str], Any] = {}
