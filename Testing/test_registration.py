@@ -232,3 +232,31 @@ def test_cancel_stops_the_deformable_stage_within_one_iteration(fixed, deformed_
         )
     after_cancel = reports[reports.index(next(r for r in reports if r.startswith("deformable"))) :]
     assert len(after_cancel) == 1
+
+
+def test_cli_and_batch_register_pairs_and_write_the_transform(fixed, tmp_path, capsys):
+    import csv
+
+    from deepmri.cli import main
+
+    moving = sitk.Resample(fixed, oblique_grid(fixed), known_rigid(), sitk.sitkLinear, 0.0)
+    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
+    out = tmp_path / "out"
+    arguments = [str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz")]
+    assert main(["register", *arguments, "-o", str(out), "--method", "rigid"]) == 0
+    transform = sitk.ReadTransform(str(out / "transform.h5"))
+    truth = known_rigid().GetInverse()
+    point = fixed.TransformContinuousIndexToPhysicalPoint([s / 2 for s in fixed.GetSize()])
+    assert (
+        np.linalg.norm(np.subtract(transform.TransformPoint(point), truth.TransformPoint(point)))
+        < 1
+    )
+    cases = tmp_path / "pairs.csv"
+    with cases.open("w", newline="") as handle:
+        csv.writer(handle).writerows(
+            [["id", "fixed", "moving", "method"], ["p1", *arguments, "rigid"]]
+        )
+    assert main(["batch", str(cases), "--task", "register", "-o", str(tmp_path / "batch")]) == 0
+    assert (tmp_path / "batch" / "p1" / "transform.h5").is_file()
+    assert (tmp_path / "batch" / "p1" / "warped.nii.gz").is_file()
