@@ -6,7 +6,6 @@ models; the real `segment` task runs too, with a small random UNet and with the 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from deepmri.runconfig import RunConfig  # noqa: E402
 from deepmri.tasks import register_task, unregister_task  # noqa: E402
 from DeepMRILib import jobs, mrml, tasklogic  # noqa: E402
 from DeepMRILib.roi import ROIError, crop_box_from_roi  # noqa: E402
+from mrml_helpers import fingerprint, mrml_scene, scene_state  # noqa: E402, F401 (fixture)
 from threshold_segmenter import LABELS, ThresholdSegmentTask, threshold_segment  # noqa: E402
 
 TESTING_DIR = str(Path(__file__).resolve().parent)
@@ -36,17 +36,6 @@ def threshold_task():
 
 
 @pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    # As in the Slicer application, where the scene always has its subject hierarchy node
-    # (here segmentation import would otherwise create it, which is not a change we make).
-    scene.GetSubjectHierarchyNode()
-    yield scene
-    scene.Clear(True)
-
-
-@pytest.fixture
 def input_node(scene):
     # A smooth oblique head-like volume: a bright ellipsoid with a darker core.
     image = make_oblique_image(size=(40, 36, 24))
@@ -56,16 +45,6 @@ def input_node(scene):
     head = sitk.GetImageFromArray(array)
     head.CopyInformation(image)
     return mrml.volume_node_from_image(head, scene, "MRHead")
-
-
-def fingerprint(node) -> tuple:
-    """Voxel hash and geometry of a node, to prove it was not modified."""
-    voxels = hashlib.sha256(slicer.util.arrayFromVolume(node).tobytes()).hexdigest()
-    return voxels, mrml.geometry_from_node(node), node.GetName(), node.GetImageData().GetMTime()
-
-
-def scene_state(scene) -> list[str]:
-    return sorted(scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes()))
 
 
 def threshold_logic(scene, **kwargs) -> tasklogic.TaskLogic:

@@ -7,7 +7,6 @@ cancel, and an all-or-nothing scene, with no other file changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from deepmri.tasks import (  # noqa: E402
     unregister_task,
 )
 from DeepMRILib import jobs, mrml, tasklogic  # noqa: E402
+from mrml_helpers import fingerprint, mrml_scene, scene_state  # noqa: E402, F401 (fixture)
 
 TESTING_DIR = str(Path(__file__).resolve().parent)
 CHANGED = [{"value": 1, "name": "Changed", "color": [0.9, 0.2, 0.1], "terminology": None}]
@@ -105,15 +105,6 @@ def difference_task():
     unregister_task(task.name)
 
 
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    scene.GetSubjectHierarchyNode()  # as in the application
-    yield scene
-    scene.Clear(True)
-
-
 def _blob(centre: tuple[float, float, float]) -> sitk.Image:
     k, j, i = np.meshgrid(*[np.arange(n, dtype=float) for n in (12, 18, 20)], indexing="ij")
     radius2 = (i - centre[0]) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2
@@ -134,15 +125,6 @@ def pair(scene):
     for node in (fixed, moving):
         hierarchy.CreateItem(study, node)
     return fixed, moving
-
-
-def scene_state(scene) -> list[str]:
-    return sorted(scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes()))
-
-
-def fingerprint(node) -> tuple:
-    voxels = hashlib.sha256(slicer.util.arrayFromVolume(node).tobytes()).hexdigest()
-    return voxels, mrml.geometry_from_node(node), node.GetName()
 
 
 def _check_outputs(outputs, fixed, moving, scale: float) -> None:
