@@ -127,7 +127,7 @@ class WorkerJob(_Reports):
     it (the Slicer logic adds nodes there, in the GUI thread).
 
     Examples:
-        >>> job = start_job("segment", {"image": image}, {"model": "brain-tissue"})  # doctest: +SKIP
+        >>> job = start_job("segment", {"image": image}, {"model": "tissue"})  # doctest: +SKIP
         >>> while not job.done:  # doctest: +SKIP
         ...     for event in job.poll():
         ...         print(f"{event.fraction:.0%} {event.message}")

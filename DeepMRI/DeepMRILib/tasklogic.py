@@ -1,4 +1,4 @@
-"""Any registered DeepMRI task from Slicer: nodes in by the task's declared input kinds, new nodes out.
+"""Any registered DeepMRI task from Slicer: nodes in by the task's declared kinds, new nodes out.
 
 `TaskLogic(task_name)` knows no task: it reads each declared input from its node (a volume, a
 segmentation or labelmap, a linear or grid transform), runs the task in this process (`run`, for
@@ -124,9 +124,9 @@ class TaskLogic:
     """Run one registered task on MRML nodes and add its outputs to the scene as new nodes.
 
     `scene` defaults to `slicer.mrmlScene`. `store` (a `deepmri.models.ModelStore`, or one
-    made from `core_settings` at the first run) is where in-process runs find models; `worker_environment` is added to a background worker's
-    environment (extra model folders, a PYTHONPATH for plug-in tasks); `config` is the
-    `RunConfig` of runs that are given none.
+    made from `core_settings` at the first run) is where in-process runs find models;
+    `worker_environment` is added to a background worker's environment (extra model folders,
+    a PYTHONPATH for plug-in tasks); `config` is the `RunConfig` of runs that are given none.
     """
 
     def __init__(
