@@ -226,9 +226,13 @@ def _passes(thick: int, flips: bool) -> list[tuple[tuple[int, int, int], bool]]:
     return [(order, flip) for order in orders for flip in ((False, True) if flips else (False,))]
 
 
-def _chunk_size(rows: int, cols: int, device: torch.device) -> int:
-    pixels = 4_000_000 if device.type == "cuda" else 600_000
-    return max(1, pixels // max(1, rows * cols))
+def _chunk_size(rows: int, cols: int, network: nn.Module, device: torch.device) -> int:
+    """Slices per forward pass: about a GMAC of work on a CPU, so cancel is checked every
+    fraction of a second; more on a GPU."""
+    convolutions = [layer for layer in network.modules() if isinstance(layer, nn.Conv2d)]
+    per_pixel = sum(layer.weight.numel() for layer in convolutions)
+    work = 2e10 if device.type == "cuda" else 1e9
+    return max(1, int(work // max(1, per_pixel * rows * cols)))
 
 
 def estimate_apply_seconds(
@@ -238,7 +242,7 @@ def estimate_apply_seconds(
     seconds = 0.0
     for order, _ in _passes(thick, flips)[:1]:
         rows, cols = shape[order[1]], shape[order[2]]
-        chunk = min(_chunk_size(rows, cols, device), shape[order[0]])
+        chunk = min(_chunk_size(rows, cols, network, device), shape[order[0]])
         sample = torch.zeros((chunk, 1, rows, cols), device=device)
         with torch.no_grad():
             start = time.monotonic()
@@ -270,7 +274,7 @@ def apply_through_plane(
     for order, flip in passes:
         stack = np.transpose(volume, order)
         output = np.empty_like(stack)
-        chunk = _chunk_size(stack.shape[1], stack.shape[2], device)
+        chunk = _chunk_size(stack.shape[1], stack.shape[2], network, device)
         for first in range(0, stack.shape[0], chunk):
             check_cancel(cancel)
             part = torch.from_numpy(np.ascontiguousarray(stack[first : first + chunk]))[:, None]
