@@ -5,14 +5,18 @@ Slicer's MRHead sample; the work is DeepMRILib's task logic for the core's "segm
 """
 
 import json
-import time
 from typing import Annotated
 
 import qt
 import slicer
 from DeepMRILib.models import SavedSettings
 from DeepMRILib.tasklogic import TASK_ATTRIBUTE, TaskLogic, show_overlay
-from DeepMRILib.widgets import PanelMixin, ParameterNodeLogic, run_self_tests
+from DeepMRILib.widgets import (
+    PanelMixin,
+    ParameterNodeLogic,
+    click_apply_until_done,
+    run_self_tests,
+)
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -220,24 +224,8 @@ class DeepMRISegmentationTest(ScriptedLoadableModuleTest):
 
     def test_apply_and_cancel_run_in_the_background(self):
         volume = self._mrhead()
-        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        slicer.util.selectModule("DeepMRISegmentation")
-        widget = slicer.util.getModuleWidget("DeepMRISegmentation")
-        widget.parameters.inputVolume = volume
-        widget.parameters.model = "brain-extraction"
-        for cancel in (True, False):
-            widget.ui.applyButton.click()
-            self.assertTrue(widget.ui.cancelButton.enabled, widget.ui.statusLabel.text)
-            deadline = time.monotonic() + 600
-            while widget.runner.running and time.monotonic() < deadline:
-                if cancel and widget.ui.progressBar.value > 0:
-                    widget.ui.cancelButton.click()
-                slicer.app.processEvents()
-                time.sleep(0.05)
-            if cancel:
-                self.assertIn("Cancelled", widget.ui.statusLabel.text)
-                self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        parameters = {"inputVolume": volume, "model": "brain-extraction"}
+        widget = click_apply_until_done(self, "DeepMRISegmentation", parameters)
         self.assertIsNotNone(widget.parameters.outputSegmentation, widget.ui.statusLabel.text)
-        self.assertIn("Done", widget.ui.statusLabel.text)
         compositeNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
         self.assertEqual(compositeNode.GetBackgroundVolumeID(), volume.GetID())

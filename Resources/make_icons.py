@@ -107,6 +107,50 @@ def network_badge(image: Image.Image, corner: tuple[float, float]) -> Image.Imag
     return image
 
 
+def registration_brains() -> Image.Image:
+    """A grey brain behind a shifted, tilted copy, with an arrow: 'align one to the other'."""
+    back = brain((205, 205, 212)).resize((SIZE * SCALE * 3 // 4,) * 2, Image.LANCZOS)
+    front = brain().resize((SIZE * SCALE * 3 // 4,) * 2, Image.LANCZOS).rotate(-14, expand=False)
+    image, draw = _canvas()
+    image.alpha_composite(back, (0, 0))
+    image.alpha_composite(front, (SIZE * SCALE // 4, SIZE * SCALE // 4))
+    draw = ImageDraw.Draw(image)
+    draw.line(_s(88, 30, 40, 30), fill=ACCENT, width=6 * SCALE)
+    draw.polygon(_s(28, 30, 44, 20, 44, 40), fill=ACCENT)
+    return image
+
+
+def superresolution_brain() -> Image.Image:
+    """A brain in thick bands on the left, smooth on the right: 'thick slices to thin'."""
+    image = brain()
+    pixels = np.asarray(image).copy()
+    half = pixels.shape[1] // 2
+    band = 14 * SCALE
+    for top in range(0, pixels.shape[0], band):
+        pixels[top : top + band, :half] = pixels[min(top + band // 2, pixels.shape[0] - 1), :half]
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    draw.line(_s(64, 6, 64, 122), fill=ACCENT, width=3 * SCALE)
+    return image
+
+
+def synthesis_brains() -> Image.Image:
+    """A T1-like (white matter bright) and a T2-like (CSF bright) half: 'a new contrast'."""
+    t1, t2 = _canvas()[0], _canvas()[0]
+    for image, (csf, gm, wm) in (
+        (t1, ((40, 40, 48), (130, 130, 135), (235, 235, 235))),
+        (t2, ((245, 245, 250), (150, 150, 155), (70, 70, 78))),
+    ):
+        draw = ImageDraw.Draw(image)
+        for left in (True, False):
+            for inset, colour in ((0, csf), (4, gm), (11, wm)):
+                draw.polygon(_hemisphere_outline(left, inset), fill=colour)
+            draw.polygon(_hemisphere_outline(left), outline=OUTLINE, width=4 * SCALE)
+    combined = np.asarray(t1).copy()
+    combined[:, combined.shape[1] // 2 :] = np.asarray(t2)[:, combined.shape[1] // 2 :]
+    return Image.fromarray(combined)
+
+
 def finish(image: Image.Image, path: Path) -> None:
     shadow = image.split()[-1].filter(ImageFilter.GaussianBlur(3 * SCALE))
     backdrop = Image.new("RGBA", image.size, (0, 0, 0, 0))
@@ -121,6 +165,9 @@ def main() -> None:
     finish(network_badge(brain(), (96, 96)), ROOT / "Resources" / "DeepMRI.png")
     finish(segmentation_brain(), icons / "DeepMRISegmentation.png")
     finish(network_badge(brain((225, 225, 232)), (96, 96)), icons / "DeepMRIModels.png")
+    finish(registration_brains(), icons / "DeepMRIRegistration.png")
+    finish(superresolution_brain(), icons / "DeepMRISuperResolution.png")
+    finish(network_badge(synthesis_brains(), (100, 100)), icons / "DeepMRISynthesis.png")
 
 
 if __name__ == "__main__":

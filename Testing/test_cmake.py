@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("DeepMRISegmentation", "DeepMRIModels")
+MODULES = (
+    "DeepMRISegmentation",
+    "DeepMRIRegistration",
+    "DeepMRISuperResolution",
+    "DeepMRISynthesis",
+    "DeepMRIModels",
+)
 METADATA = (
     "EXTENSION_HOMEPAGE",
     "EXTENSION_CATEGORY",

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "DeepMRI"
-MODULES = ("DeepMRISegmentation", "DeepMRIModels")
+# Task modules and the core task each one runs.
+TASK_MODULES = {
+    "DeepMRISegmentation": "segment",
+    "DeepMRIRegistration": "register",
+    "DeepMRISuperResolution": "superresolve",
+    "DeepMRISynthesis": "synthesize",
+}
+MODULES = (*TASK_MODULES, "DeepMRIModels")
 # Widgets that Qt itself provides; any other class in a .ui must be declared as a custom widget.
 QT_PREFIX = "Q"
 
@@ -107,7 +114,9 @@ def test_ui_file_parses_and_its_top_widget_is_the_module(module):
 def test_every_ui_widget_the_code_uses_exists_in_the_ui_file(module):
     used = set(re.findall(r"self\.ui\.(\w+)", _source(module)))
     used |= set(re.findall(r"widget\.ui\.(\w+)", _source(module)))
-    assert used, "the module binds no widgets"
+    # A task panel may use no widget by name: the parameter node binds them all.
+    bound = [p for p in _ui(module).iter("property") if p.get("name") == "SlicerParameterName"]
+    assert used or bound, "the module binds no widgets"
     missing = used - _widget_names(_ui(module))
     assert not missing, f"{module}.py uses widgets missing from its .ui: {sorted(missing)}"
 
@@ -174,7 +183,7 @@ def test_self_test_runs_every_test_method_it_defines(module):
 LIBRARY = MODULE_DIR / "DeepMRILib"
 # The DeepMRILib class each module's Logic is a thin subclass of.
 LIBRARY_LOGIC = {
-    "DeepMRISegmentation": ("DeepMRILib.tasklogic", "TaskLogic"),
+    **{module: ("DeepMRILib.tasklogic", "TaskLogic") for module in TASK_MODULES},
     "DeepMRIModels": ("DeepMRILib.models", "ModelsLogic"),
 }
 MAX_MODULE_LINES = 250
@@ -211,18 +220,19 @@ def _keywords_of_calls(tree: ast.AST, name: str) -> set[str] | None:
     return keywords
 
 
-def test_segmentation_panel_starts_the_task_with_arguments_the_logic_accepts():
+@pytest.mark.parametrize(("module", "task"), TASK_MODULES.items())
+def test_task_panel_starts_the_task_with_arguments_the_logic_accepts(module, task):
     import inspect
 
     from deepmri.tasks import get_task
 
     tasklogic = pytest.importorskip("DeepMRILib.tasklogic")
     widgets = pytest.importorskip("DeepMRILib.widgets")
-    keywords = _keywords_of_calls(_tree("DeepMRISegmentation"), "self.startTask")
+    keywords = _keywords_of_calls(_tree(module), "self.startTask")
     assert keywords, "the panel starts no task"
     accepted = set(inspect.signature(widgets.PanelMixin.startTask).parameters)
     accepted |= set(inspect.signature(tasklogic.TaskLogic.start).parameters)
-    accepted |= {option.name for option in get_task("segment").options}
+    accepted |= {option.name for option in get_task(task).options}
     assert keywords <= accepted, keywords - accepted
     assert {"poll", "cancel", "result", "done", "state"} <= set(
         dir(pytest.importorskip("DeepMRILib.jobs").WorkerJob)
@@ -256,7 +266,11 @@ def test_widget_calls_only_logic_methods_and_slots_that_exist(module):
         and node.args
         and re.fullmatch(r"self\.\w+", ast.unparse(node.args[-1]))
     }
-    assert slots and slots <= widget_methods, slots - widget_methods
+    # A task panel without its own setup gets PanelMixin's, which connects onApplyButton.
+    assert slots or "setup" not in _methods(widget), "the panel connects nothing"
+    assert slots <= widget_methods, slots - widget_methods
+    if "setup" not in _methods(widget):
+        assert "onApplyButton" in _methods(widget)
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,10 @@ class TaskLogic:
     a PYTHONPATH for plug-in tasks); `config` is the `RunConfig` of runs that are given none.
     """
 
+    output_names: Mapping[str, str] = {}
+    label_grids: Mapping[str, str] = {}
+    not_in_scene: tuple[str, ...] = ()
+
     def __init__(
         self,
         task_name: str,
@@ -178,6 +182,7 @@ class TaskLogic:
         roi_node: Any | None = None,
         labelmap: bool = False,
         show: bool = False,
+        leave_out: Iterable[str] = (),
         progress: ProgressCallback | None = None,
         cancel: CancelLike | None = None,
         **more_options: Any,
@@ -186,7 +191,9 @@ class TaskLogic:
 
         `inputs` is {input name: node} or, for a task with one required input, the node itself;
         options come as a dict and/or keywords (`model="brain-tissue"`). `wanted` names optional
-        outputs ("probability", "uncertainty"). On an error or a cancel nothing is added.
+        outputs ("probability", "uncertainty"); `leave_out` names outputs not to add as nodes (a
+        displacement field the transform node already holds). On an error or a cancel nothing is
+        added.
         """
         progress = progress or no_progress
         nodes, options, wanted = self._checked(inputs, options, more_options, wanted)
@@ -201,7 +208,7 @@ class TaskLogic:
         result = self.task(images, options, context)
         check_cancel(cancel)
         progress(0.96, "Adding the results to the scene")
-        outputs = self._add(nodes, result, crop, labelmap)
+        outputs = self._add(nodes, result, crop, labelmap, leave_out)
         if show:
             self.show(outputs)
         progress(1.0, f"{self.task.title or self.task.name} finished")
@@ -217,6 +224,7 @@ class TaskLogic:
         roi_node: Any | None = None,
         labelmap: bool = False,
         show: bool = False,
+        leave_out: Iterable[str] = (),
         **more_options: Any,
     ) -> jobs.WorkerJob:
         """Start the task in a background worker; poll the job, then `job.result()` adds the nodes.
@@ -227,7 +235,7 @@ class TaskLogic:
         images, crop = self.read_inputs(nodes, roi_node)
 
         def add_nodes(result: TaskResult) -> TaskOutputs:
-            outputs = self._add(nodes, result, crop, labelmap)
+            outputs = self._add(nodes, result, crop, labelmap, leave_out)
             if show:
                 self.show(outputs)
             return outputs
@@ -279,7 +287,10 @@ class TaskLogic:
         specs = {spec.name: spec for spec in self.task.inputs}
         reference = _reference_node(nodes, specs)
         values = {
-            name: self._read(node, specs[name].kind, reference) for name, node in nodes.items()
+            name: self._read(
+                node, specs[name].kind, nodes.get(self.label_grids.get(name), reference)
+            )
+            for name, node in nodes.items()
         }
         if roi_node is None:
             return values, None
@@ -314,25 +325,52 @@ class TaskLogic:
     # --- nodes out --------------------------------------------------------------------------
 
     def _add(
-        self, nodes: Mapping[str, Any], result: TaskResult, crop: _Crop | None, labelmap: bool
+        self,
+        nodes: Mapping[str, Any],
+        result: TaskResult,
+        crop: _Crop | None,
+        labelmap: bool,
+        leave_out: Iterable[str] = (),
     ) -> TaskOutputs:
         if crop is not None:
             result = crop.paste_back(result)
         specs = {spec.name: spec for spec in self.task.inputs}
-        return self.add_outputs(result, _reference_node(nodes, specs), labelmap=labelmap)
+        if "label_info" not in result.info:  # labels carried through keep their names, colours
+            carried = [_segment_info(node) for node in nodes.values() if _is_segmentation(node)]
+            if carried:
+                result.info["label_info"] = carried[0]
+        names = {name: node.GetName() for name, node in nodes.items() if hasattr(node, "GetName")}
+        return self.add_outputs(
+            result,
+            _reference_node(nodes, specs),
+            labelmap=labelmap,
+            leave_out=leave_out,
+            input_names=names,
+        )
 
     def add_outputs(
-        self, result: TaskResult, reference_node: Any | None, *, labelmap: bool = False
+        self,
+        result: TaskResult,
+        reference_node: Any | None,
+        *,
+        labelmap: bool = False,
+        leave_out: Iterable[str] = (),
+        input_names: Mapping[str, str] | None = None,
     ) -> TaskOutputs:
-        """Add a node for every output of `result`, next to `reference_node`; all or nothing."""
+        """Add a node for every output of `result` but those in `leave_out`, next to
+        `reference_node`; all or nothing. `input_names` (input -> node name) fill in the
+        `output_names` templates."""
         outputs = TaskOutputs(result, reference_node=reference_node)
+        leave_out = {*leave_out, *self.not_in_scene}
         reference_image = None
         if reference_node is not None and reference_node.IsA("vtkMRMLScalarVolumeNode"):
             reference_image = mrml.image_from_volume_node(reference_node)
         try:
             for spec in self.task.outputs:
+                if spec.name in leave_out:
+                    continue
                 for key, value in _in_label_order(result, spec):
-                    name = self.output_title(result, spec, key, reference_node)
+                    name = self.output_title(result, spec, key, reference_node, input_names)
                     node = self._write(
                         value, spec, key, name, result, reference_node, reference_image
                     )
@@ -383,11 +421,19 @@ class TaskLogic:
         node.SetAttribute(PROVENANCE_ATTRIBUTE, json.dumps(provenance, default=str))
 
     def output_title(
-        self, result: TaskResult, spec: OutputSpec, key: str, reference_node: Any
+        self,
+        result: TaskResult,
+        spec: OutputSpec,
+        key: str,
+        reference_node: Any,
+        input_names: Mapping[str, str] | None = None,
     ) -> str:
         """A node name from the input and the output: "MRHead segmentation (brain tissue)",
         "MRHead Grey matter probability (brain tissue)"; a task's own `info["name_suffix"]`
-        names its main (first) output: "T1 -> T2w (synthetic)"."""
+        names its main (first) output: "T1 -> T2w (synthetic)"; `output_names` come first."""
+        template = self.output_names.get(key)
+        if template is not None:
+            return template.format_map(_Default(input_names or {}, reference_node))
         if spec is self.task.outputs[0] and result.info.get("name_suffix"):
             base = reference_node.GetName() if reference_node is not None else "DeepMRI"
             return f"{base}{result.info['name_suffix']}"
@@ -419,8 +465,9 @@ class TaskLogic:
             elif (
                 node.IsA("vtkMRMLScalarVolumeNode")
                 and self.task.output_spec(key).name not in optional
+                and background is outputs.reference_node
             ):
-                background = node
+                background = node  # the first main volume (a warped image before its Jacobian)
         if background is not None and background.IsA("vtkMRMLVolumeNode"):
             for composite in _nodes_of_class(self.scene, "vtkMRMLSliceCompositeNode"):
                 composite.SetBackgroundVolumeID(background.GetID())
@@ -445,6 +492,31 @@ def show_overlay(scene: Any, volume: Any | None, show: bool = True) -> None:
     for composite in composites:
         composite.SetForegroundVolumeID(volume.GetID())
         composite.SetForegroundOpacity(0.5)
+
+
+def _is_segmentation(node: Any) -> bool:
+    return hasattr(node, "IsA") and node.IsA("vtkMRMLSegmentationNode")
+
+
+def _segment_info(node: Any) -> list[dict[str, Any]]:
+    """Name and colour of each segment by its label value, as a task's label_info lists them."""
+    segmentation = node.GetSegmentation()
+    segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
+    return [
+        {"value": s.GetLabelValue(), "name": s.GetName(), "color": list(s.GetColor())}
+        for s in segments
+    ]
+
+
+class _Default(dict):
+    """Input names for a name template; an input not given reads as the reference's name."""
+
+    def __init__(self, names: Mapping[str, str], reference_node: Any) -> None:
+        super().__init__(names)
+        self.fallback = reference_node.GetName() if reference_node is not None else "DeepMRI"
+
+    def __missing__(self, key: str) -> str:
+        return self.fallback
 
 
 def _reference_node(nodes: Mapping[str, Any], specs: Mapping[str, Any]) -> Any | None:

@@ -165,6 +165,52 @@ class ParameterNodeLogic:
         return self.parameterNodeClass(super().getParameterNode())
 
 
+class TaskModuleLogic(ParameterNodeLogic):
+    """The first base of a task module's `<module>Logic` (then `ScriptedLoadableModuleLogic`
+    and `TaskLogic`): the template's logic for the task `taskName`, with the saved settings."""
+
+    taskName = ""
+
+    def __init__(self) -> None:
+        import qt
+        from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+        from DeepMRILib.models import SavedSettings
+        from DeepMRILib.tasklogic import TaskLogic
+
+        ScriptedLoadableModuleLogic.__init__(self)
+        TaskLogic.__init__(self, self.taskName)
+        SavedSettings.load(qt.QSettings()).apply_to(self)
+
+
+def click_apply_until_done(
+    test_case: Any, module_name: str, parameters: dict[str, Any], timeout_s: float = 900.0
+) -> Any:
+    """A panel's self-test: set `parameters`, click Apply and Cancel (the scene must be as it
+    was), then Apply again and wait until it is done; returns the module's widget."""
+    import slicer
+
+    nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+    slicer.util.selectModule(module_name)
+    widget = slicer.util.getModuleWidget(module_name)
+    for name, value in parameters.items():
+        setattr(widget.parameters, name, value)
+    for cancel in (True, False):
+        widget.ui.applyButton.click()
+        test_case.assertTrue(widget.ui.cancelButton.enabled, widget.ui.statusLabel.text)
+        deadline = time.monotonic() + timeout_s
+        while widget.runner.running and time.monotonic() < deadline:
+            if cancel and widget.ui.progressBar.value > 0:
+                widget.ui.cancelButton.click()
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        if cancel:
+            test_case.assertIn("Cancelled", widget.ui.statusLabel.text)
+            test_case.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes_before)
+    test_case.assertIn("Done", widget.ui.statusLabel.text)
+    return widget
+
+
 def run_self_tests(test_case: Any, tests: Any) -> None:
     """Run a module self-test's test methods one after another, each on an empty scene."""
     import slicer
@@ -185,6 +231,35 @@ class PanelMixin:
 
     _parameterNode: Any = None
     _parameterNodeGuiTag: Any = None
+    # A task panel's declarations, used by the default prepareParameterNode, updatePanel and
+    # showOutputs: parameters filled with the scene's first, second... volume; parameters Apply
+    # needs, with Apply's tooltips when they are set and when not; parameter -> output key of
+    # the node a finished run puts there.
+    defaultVolumes: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    applyTips: tuple[str, str] = ("", "")
+    outputParameters: dict[str, str] = {}
+
+    def __init__(self, parent: Any = None) -> None:
+        from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
+        from slicer.util import VTKObservationMixin
+
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+
+    def setup(self) -> None:
+        """A task panel's `setup` (the template's): the .ui named as the module file, the file's
+        own `<module>Logic`, Apply connected to the widget's `onApplyButton`, entered."""
+        import sys
+
+        from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
+
+        ScriptedLoadableModuleWidget.setup(self)
+        module_name = type(self).__module__
+        logic_class = getattr(sys.modules[module_name], f"{module_name}Logic")
+        self.setupPanel(module_name, logic_class())
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.enter()
 
     def setupPanel(self, module_name: str, logic: Any) -> None:
         import slicer
@@ -231,7 +306,14 @@ class PanelMixin:
         self.setParameterNode(parameters)
 
     def prepareParameterNode(self, parameters: Any) -> None:
-        """Fill in what a fresh parameter node lacks (a default input, saved settings)."""
+        """Fill in what a fresh parameter node lacks: by default each of `defaultVolumes` not
+        set gets the scene's next scalar volume (fixed the first, moving the second)."""
+        import slicer
+
+        for index, name in enumerate(self.defaultVolumes):
+            volume = slicer.mrmlScene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+            if volume is not None and not getattr(parameters, name):
+                setattr(parameters, name, volume)
 
     def setParameterNode(self, parameters: Any) -> None:
         import vtk
@@ -263,13 +345,23 @@ class PanelMixin:
             self.updatePanel()
 
     def updatePanel(self) -> None:
-        """Bring what the GUI connector does not bind in step with the parameter node."""
-        raise NotImplementedError
+        """Bring what the GUI connector does not bind in step with the parameter node: by
+        default Apply is enabled when every `required` parameter is set."""
+        parameters = self.parameters
+        ready = bool(parameters) and all(getattr(parameters, name) for name in self.required)
+        self.enableStart(self.ui.applyButton, ready, self.applyTips[0 if ready else 1])
+
+    def showOutputs(self, outputs: Any) -> None:
+        """A finished run: its nodes into the `outputParameters`, its measures in the status."""
+        if self.parameters:
+            for name, key in self.outputParameters.items():
+                setattr(self.parameters, name, outputs.nodes.get(key))
+        self.showDone(outputs)
 
     def startTask(
         self,
         inputs: Any,
-        on_success: Callable[[Any], None],
+        on_success: Callable[[Any], None] | None = None,
         *,
         what: str,
         device: str | None = None,
@@ -279,7 +371,8 @@ class PanelMixin:
         precision, threads, model folders; `device` from the panel overrides) and follow it.
 
         Dependencies are installed first if missing (after asking); `run_arguments` go to
-        `TaskLogic.start` (options, `wanted`, `roi_node`); the new nodes are shown at the end.
+        `TaskLogic.start` (options, `wanted`, `roi_node`); the new nodes are shown at the end,
+        then `on_success(outputs)` runs (by default `showOutputs`).
         """
         import qt
 
@@ -296,7 +389,7 @@ class PanelMixin:
         except Exception as error:
             self.showError(what, error)
             return
-        self.runner.start(job, on_success, what=what)
+        self.runner.start(job, on_success or self.showOutputs, what=what)
 
     # A model menu: the .ui's modelComboBox and modelDescriptionLabel, the parameter "model".
     _models: dict[str, dict[str, str]] = {}
