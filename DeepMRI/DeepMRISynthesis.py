@@ -102,7 +102,7 @@ class DeepMRISynthesisLogic(widgets.TaskModuleLogic, ScriptedLoadableModuleLogic
 
     parameterNodeClass = DeepMRISynthesisParameterNode
     taskName = "synthesize"
-    output_names = {"uncertainty": "{image} -> synthetic uncertainty"}
+    output_names = {"uncertainty": "{image} synthesis uncertainty"}
 
 
 class DeepMRISynthesisTest(ScriptedLoadableModuleTest):

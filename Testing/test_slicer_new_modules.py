@@ -9,6 +9,7 @@ slicer-core has no Qt or Slicer app, so each Logic is built from its module file
 from __future__ import annotations
 
 import ast
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ slicer = pytest.importorskip("slicer")
 
 from deepmri.errors import Cancelled  # noqa: E402
 from deepmri.geometry import resample_to_spacing, same_geometry  # noqa: E402
+from deepmri.models import ModelStore, save_model  # noqa: E402
 from deepmri.progress import CancelToken  # noqa: E402
 from deepmri.runconfig import RunConfig  # noqa: E402
+from deepmri.settings import Settings  # noqa: E402
 from DeepMRILib import mrml, tasklogic  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "DeepMRI"
@@ -49,6 +52,7 @@ def scene():
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     scene.GetSubjectHierarchyNode()
+    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # what a slice view shows
     yield scene
     scene.Clear(True)
 
@@ -56,6 +60,11 @@ def scene():
 @pytest.fixture(scope="module")
 def head(mni_t1) -> sitk.Image:
     return resample_to_spacing(sitk.Cast(mni_t1, sitk.sitkFloat32), (4.0, 4.0, 4.0))
+
+
+def shown(scene) -> str:
+    """The volume in the slice view's background."""
+    return scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode").GetBackgroundVolumeID()
 
 
 def scene_ids(scene) -> list[str]:
@@ -124,12 +133,15 @@ def test_registration_transform_node_applied_in_mrml_gives_the_warped_volume(
     fixed_node, moving_node = pair
     before = slicer.util.arrayFromVolume(moving_node).copy()
     logic = module_logic("DeepMRIRegistration", scene)
-    outputs = logic.run({"fixed": fixed_node, "moving": moving_node}, method=method, config=CPU)
+    outputs = logic.run(
+        {"fixed": fixed_node, "moving": moving_node}, method=method, config=CPU, show=True
+    )
     # The displacement field is in the grid transform node, not a volume of its own.
     assert set(outputs.nodes) == {"transform", "warped"} | (
         {"jacobian"} if method == "deformable" else set()
     )
     transform, warped = outputs.nodes["transform"], outputs.nodes["warped"]
+    assert shown(scene) == warped.GetID()  # not the Jacobian that comes after it
     if method == "deformable":
         jacobian = outputs.nodes["jacobian"]
         assert jacobian.GetName() == "MNI moved to MNI Jacobian"
@@ -211,4 +223,149 @@ def test_cancelled_registration_leaves_the_scene_as_it_was(scene, pair):
             progress=progress,
             cancel=token,
         )
+    assert scene_ids(scene) == before
+
+
+# --- super-resolution ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def thick_node(scene, head):
+    """The head at 4 x 4 x 12 mm (slices three times thicker than the in-plane spacing)."""
+    blurred = sitk.SmoothingRecursiveGaussian(head, [0.01, 0.01, 12.0 / 2.355])
+    thick = resample_to_spacing(blurred, (4.0, 4.0, 12.0))
+    return mrml.volume_node_from_image(thick, scene, "MNI thick")
+
+
+def centre(image: sitk.Image) -> np.ndarray:
+    return np.asarray(
+        image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "wanted"),
+    [({"method": "cubic"}, []), ({"method": "ssl", "budget": "3"}, ["uncertainty"])],
+)
+def test_superresolution_adds_a_thin_volume_on_the_inputs_extent(
+    scene, thick_node, options, wanted
+):
+    thick = mrml.image_from_volume_node(thick_node)
+    logic = module_logic("DeepMRISuperResolution", scene)
+    outputs = logic.run(thick_node, options, wanted=wanted, config=CPU, show=True)
+    assert set(outputs.nodes) == {"superresolved", *wanted}
+    restored_node = outputs.nodes["superresolved"]
+    assert restored_node.IsA("vtkMRMLScalarVolumeNode")
+    assert restored_node.GetName() == "MNI thick super-resolved"
+    restored = mrml.image_from_volume_node(restored_node)
+    np.testing.assert_allclose(restored.GetSpacing(), (4.0, 4.0, 4.0), atol=1e-6)
+    np.testing.assert_allclose(restored.GetDirection(), thick.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(centre(restored), centre(thick), atol=1e-4)
+    extent = np.multiply(restored.GetSize(), restored.GetSpacing())
+    np.testing.assert_allclose(extent, np.multiply(thick.GetSize(), thick.GetSpacing()), atol=1e-4)
+    assert "same physical extent" in restored_node.GetDescription()
+    if wanted:
+        uncertainty = outputs.nodes["uncertainty"]
+        assert uncertainty.GetName() == "MNI thick super-resolution uncertainty"
+        assert same_geometry(mrml.image_from_volume_node(uncertainty), restored)
+    assert shown(scene) == restored_node.GetID()
+
+
+def test_cancelled_superresolution_adds_nothing(scene, thick_node):
+    before = scene_ids(scene)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        module_logic("DeepMRISuperResolution", scene).run(
+            thick_node, method="ssl", budget="3", config=CPU, cancel=token
+        )
+    assert scene_ids(scene) == before
+
+
+# --- synthesis ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthesis_store(tmp_path_factory):
+    """No synthesis model ships yet: the test-only 1 - x network of test_synthesize_task."""
+    from test_synthesize_task import Inverter, inverter_card
+
+    root = tmp_path_factory.mktemp("synthesis-models")
+    save_model(Inverter(), inverter_card(), root / "test-t1w-to-t2w")
+    return ModelStore(Settings(home=root / "home"), extra_paths=(root,))
+
+
+def test_synthesis_adds_a_volume_named_and_described_synthetic_on_the_input_grid(
+    scene, head, synthesis_store
+):
+    source = mrml.volume_node_from_image(head, scene, "MNI T1")
+    before = slicer.util.arrayFromVolume(source).copy()
+    logic = module_logic("DeepMRISynthesis", scene, store=synthesis_store)
+    outputs = logic.run(
+        source,
+        model="test-t1w-to-t2w",
+        skull_stripped=True,
+        wanted=["uncertainty"],
+        config=CPU,
+        show=True,
+    )
+    synthetic, uncertainty = outputs.nodes["synthetic"], outputs.nodes["uncertainty"]
+    assert synthetic.GetName() == "MNI T1 -> T2w (synthetic)"
+    assert synthetic.GetDescription().startswith("SYNTHETIC T2w")
+    assert uncertainty.GetName() == "MNI T1 synthesis uncertainty"
+    for node in (synthetic, uncertainty):
+        assert node.IsA("vtkMRMLScalarVolumeNode")
+        assert same_geometry(mrml.image_from_volume_node(node), head)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(source), before)
+    assert shown(scene) == synthetic.GetID()
+    values = slicer.util.arrayFromVolume(synthetic)
+    assert values[before == 0].max() == 0.0 and values[before > 0].max() > 0.0
+
+
+def test_cancelled_synthesis_adds_nothing(scene, head, synthesis_store):
+    source = mrml.volume_node_from_image(head, scene, "MNI T1")
+    before = scene_ids(scene)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        module_logic("DeepMRISynthesis", scene, store=synthesis_store).run(
+            source, model="test-t1w-to-t2w", skull_stripped=True, config=CPU, cancel=token
+        )
+    assert scene_ids(scene) == before
+
+
+# --- in the background worker, as the panels run them ----------------------------------------
+
+
+def test_background_registration_adds_a_transform_node_that_maps_like_the_cores(scene, pair):
+    fixed_node, moving_node = pair
+    logic = module_logic("DeepMRIRegistration", scene, worker_environment={"OMP_NUM_THREADS": "1"})
+    inputs = {"fixed": fixed_node, "moving": moving_node}
+    outputs = logic.start(inputs, method="affine", config=CPU, show=True).result()
+    assert set(outputs.nodes) == {"transform", "warped"}
+    assert outputs.nodes["transform"].IsA("vtkMRMLLinearTransformNode")
+    assert outputs.nodes["warped"].GetName() == "MNI moved registered to MNI"
+    # The node maps fixed points as the core's transform that came back from the worker (.h5).
+    fixed = mrml.image_from_volume_node(fixed_node)
+    core = outputs.result.transforms["transform"]
+    node = mrml.transform_from_node(outputs.nodes["transform"])
+    for index in np.ndindex(3, 3, 3):
+        point = fixed.TransformContinuousIndexToPhysicalPoint(
+            [(n - 1) * (0.2 + 0.3 * i) for n, i in zip(fixed.GetSize(), index, strict=True)]
+        )
+        np.testing.assert_allclose(
+            node.TransformPoint(point), core.TransformPoint(point), atol=1e-4
+        )
+
+
+def test_cancelling_background_registration_adds_nothing(scene, pair):
+    before = scene_ids(scene)
+    logic = module_logic("DeepMRIRegistration", scene, worker_environment={"OMP_NUM_THREADS": "1"})
+    job = logic.start(dict(zip(("fixed", "moving"), pair, strict=True)), config=CPU)
+    deadline = time.monotonic() + 120
+    while not job.poll() and not job.done and time.monotonic() < deadline:
+        time.sleep(0.05)  # until it reports work, so the cancel stops real work
+    job.cancel()
+    with pytest.raises(Cancelled):
+        job.result()
     assert scene_ids(scene) == before
