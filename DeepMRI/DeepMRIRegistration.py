@@ -51,7 +51,7 @@ carry along onto the fixed grid. The inputs are never modified.</p>
 <p><b>Limits:</b> images must overlap after the affine stage; large lesions, resections or
 strong artefacts are not modelled. Regularisation trades smoothness for detail: check the
 Jacobian and the overlay. Research software, not a medical device: check every result.</p>
-<p><b>How to cite:</b> cite DeepMRI (see Docs/evaluation-registration.md for the measured
+<p><b>How to cite:</b> cite DeepMRI (see Docs/registration.md for the measured
 accuracy against ANTs SyN, elastix and ConvexAdam).</p>
 """)
         self.parent.acknowledgementText = _("""

@@ -250,13 +250,12 @@ class PanelMixin:
     def setup(self) -> None:
         """A task panel's `setup` (the template's): the .ui named as the module file, the file's
         own `<module>Logic`, Apply connected to the widget's `onApplyButton`, entered."""
-        import sys
-
         from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 
         ScriptedLoadableModuleWidget.setup(self)
         module_name = type(self).__module__
-        logic_class = getattr(sys.modules[module_name], f"{module_name}Logic")
+        # The module file's namespace, however Slicer loaded it.
+        logic_class = type(self).onApplyButton.__globals__[f"{module_name}Logic"]
         self.setupPanel(module_name, logic_class())
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.enter()
