@@ -47,9 +47,14 @@ def test_tiny_training_run_keeps_best_weights_and_writes_a_valid_synthesis_card(
         validate_every=1,
         validation_subjects=1,
         warmup_fraction=0.0,
+        cosine_after=0.0,
     )
     state = train(recipe, tmp_path / "run", log=lambda line: None)
     assert state["iteration"] >= 1 and state["best"] is not None
+    # The checkpoint (optimiser state after the learning-rate decay) loads with weights_only.
+    recipe.minutes = 0.1
+    resumed = train(recipe, tmp_path / "run", log=lambda line: None, resume=True)
+    assert resumed["iteration"] > state["iteration"]
     history = json.loads((tmp_path / "run" / "training.json").read_text())["history"]
     assert history and all(entry["validation_mae"] > 0 for entry in history)
     generator = load_generator(recipe, tmp_path / "run" / "best_generator.pt")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -247,7 +248,7 @@ def train(
             # Cosine decay to zero over the rest of the time budget (the validation MAE of a
             # constant 1e-3 swings by +-30% between checks).
             phase = (elapsed - recipe.cosine_after) / (1.0 - recipe.cosine_after)
-            rate = recipe.learning_rate * 0.5 * (1.0 + np.cos(np.pi * min(phase, 1.0)))
+            rate = recipe.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(phase, 1.0)))
             for optimiser in (opt_g, opt_d):
                 for group in optimiser.param_groups:
                     group["lr"] = rate
