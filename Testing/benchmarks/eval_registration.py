@@ -5,12 +5,14 @@ Pairs: Colin27 brain -> MNI152 2009a brain (T1 -> T1), the same with the moving 
 smooth deformation (end-point error in mm against the true inverse). Tissue labels (CSF, GM, WM)
 come from ONE classical method (deepmri's GMM, `classical_tissue`) run once on each T1 image, and
 are identical for every method. Every deformable method starts from the same DeepMRI affine (the
-moving image resampled through it), so the figures compare the deformable stages; seconds are wall
-time of each method's own call, on the same CPU in the same run. Peers run where they are
+moving image resampled through it), so the figures compare the deformable stages. Each method runs
+in its own process, several side by side (`--workers`), and reports the wall and the CPU seconds
+of its own call; on a shared machine CPU seconds are the fairer comparison. Peers run where they are
 installed (`pip install deepmri[peers]`) and are skipped with a printed reason otherwise.
 Last line: JSON.
 
-    python Testing/benchmarks/eval_registration.py --threads 2 [--write-docs Docs/evaluation-registration.md]
+    python Testing/benchmarks/eval_registration.py --threads 1 --workers 4 \\
+        [--write-docs Docs/evaluation-registration.md]
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def brain_labels(image: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
     return mask, classical_tissue(image, mask)
 
 
-# --- peers: each returns (a fixed->moving sitk transform on the fixed grid, seconds) ---------
+# --- peers: each returns (its fixed->moving displacement field on the fixed grid, wall s, CPU s)
 
 
 def run_syn(fixed: sitk.Image, moving: sitk.Image, workdir: Path):
@@ -92,12 +94,10 @@ def run_syn(fixed: sitk.Image, moving: sitk.Image, workdir: Path):
     sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(workdir / "f.nii.gz"))
     sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(workdir / "m.nii.gz"))
     f, m = ants.image_read(str(workdir / "f.nii.gz")), ants.image_read(str(workdir / "m.nii.gz"))
-    started = time.perf_counter()
-    result = ants.registration(f, m, type_of_transform="SyNOnly")
-    seconds = time.perf_counter() - started
+    result, wall, cpu = _timed(ants.registration, f, m, type_of_transform="SyNOnly")
     warp_file = next(name for name in result["fwdtransforms"] if name.endswith(".nii.gz"))
     field = sitk.ReadImage(warp_file, sitk.sitkVectorFloat64)
-    return field, seconds
+    return field, wall, cpu
 
 
 def run_elastix(fixed: sitk.Image, moving: sitk.Image, workdir: Path, threads: int):
@@ -111,175 +111,239 @@ def run_elastix(fixed: sitk.Image, moving: sitk.Image, workdir: Path, threads: i
         image.SetDirection(itk.matrix_from_array(np.asarray(source.GetDirection()).reshape(3, 3)))
     parameters = itk.ParameterObject.New()
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline", 4))
-    started = time.perf_counter()
-    _, transform_parameters = itk.elastix_registration_method(
-        f, m, parameter_object=parameters, log_to_console=False, number_of_threads=threads
+    (_, transform_parameters), wall, cpu = _timed(
+        itk.elastix_registration_method,
+        f,
+        m,
+        parameter_object=parameters,
+        log_to_console=False,
+        number_of_threads=threads,
     )
-    seconds = time.perf_counter() - started
     field = itk.transformix_deformation_field(m, transform_parameters)
     vectors = itk.array_from_image(field).astype(np.float64)
     image = sitk.GetImageFromArray(vectors, isVector=True)
     image.CopyInformation(fixed)
-    return image, seconds
+    return image, wall, cpu
 
 
 def run_convexadam(fixed: sitk.Image, moving: sitk.Image):
     import torch
     from convexAdam.convex_adam_MIND import convex_adam_pt
 
-    started = time.perf_counter()
-    displacement = convex_adam_pt(
+    displacement, wall, cpu = _timed(
+        convex_adam_pt,
         sitk.Cast(fixed, sitk.sitkFloat32),
         sitk.Cast(moving, sitk.sitkFloat32),
         device=torch.device("cpu"),
     )
-    seconds = time.perf_counter() - started
     # (k, j, i, 3) voxel displacements along the array axes -> LPS mm.
     from deepmri.registration.deformable import field_image_from_tensor
 
     spacing = np.asarray(fixed.GetSpacing()[::-1]).reshape(3, 1, 1, 1)
-    return field_image_from_tensor(np.moveaxis(displacement, -1, 0) * spacing, fixed), seconds
+    field = field_image_from_tensor(np.moveaxis(displacement, -1, 0) * spacing, fixed)
+    return field, wall, cpu
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--peers", default="syn,elastix,convexadam")
-    parser.add_argument("--output", default=None, help="folder for overlays (PNG) and fields")
-    parser.add_argument("--write-docs", default=None)
-    parser.add_argument(
-        "--spacing", type=float, default=1.0, help="resample both images first (a quick smoke run)"
+PEER_MODULES = {"syn": "ants", "elastix": "itk", "convexadam": "convexAdam"}
+
+
+def prepare(workdir: Path, spacing: float) -> dict[str, str]:
+    """Every input written once (so each job, in its own process, reads the same files)."""
+    from deepmri import data
+    from deepmri.registration.fields import compose
+
+    fixed = sitk.Cast(data.load_mni152("t1"), sitk.sitkFloat32)
+    colin = sitk.Cast(data.load_colin27("brain"), sitk.sitkFloat32)
+    if spacing != 1.0:
+        from deepmri.geometry import resample_to_spacing
+
+        fixed, colin = (resample_to_spacing(image, [spacing] * 3) for image in (fixed, colin))
+    fixed_mask, fixed_labels = brain_labels(fixed)
+    _, colin_labels = brain_labels(colin)
+    warp = smooth_deformation(fixed, 8.0, seed=18)
+    inverse = sitk.InvertDisplacementField(
+        warp, maximumNumberOfIterations=50, maxErrorToleranceThreshold=0.01
     )
-    arguments = parser.parse_args()
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(arguments.threads)
+    images = {
+        "fixed": fixed,
+        "fixed_mask": fixed_mask,
+        "fixed_labels": fixed_labels,
+        "moving": colin,
+        "moving_xcontrast": t2_like(colin),
+        "moving_labels": colin_labels,
+        "moving_synthetic": sitk.Resample(fixed, fixed, compose(None, warp), sitk.sitkLinear, 0.0),
+        "truth_synthetic": inverse,
+    }
+    paths = {}
+    for name, image in images.items():
+        paths[name] = str(workdir / f"{name}.nrrd")
+        sitk.WriteImage(image, paths[name])
+    return paths
+
+
+def _timed(function, *args, **kwargs):
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_job(method: str, pair: str, paths: dict[str, str], threads: int, output: str) -> dict:
+    """One method on one pair, in its own process: figures keyed like the final JSON."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import torch
 
-    torch.set_num_threads(arguments.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(arguments.threads)
-    from deepmri import data
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     from deepmri.registration import register
     from deepmri.registration.fields import compose, folding_percent, jacobian_determinant
 
-    output = Path(arguments.output or tempfile.mkdtemp(prefix="eval-registration-"))
-    output.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="peers-"))
-    peers = [name for name in arguments.peers.split(",") if name]
-    available = {}
-    for name, module in (("syn", "ants"), ("elastix", "itk"), ("convexadam", "convexAdam")):
-        if name not in peers:
-            continue
-        try:
-            __import__(module)
-            if name == "elastix":
-                import itk
-
-                itk.ElastixRegistrationMethod  # noqa: B018 - loads the elastix module
-            available[name] = True
-        except Exception as error:  # noqa: BLE001 - any import failure skips the peer
-            print(f"skipping {name}: {module} is not importable ({error})", flush=True)
-    fixed = sitk.Cast(data.load_mni152("t1"), sitk.sitkFloat32)
-    colin = sitk.Cast(data.load_colin27("brain"), sitk.sitkFloat32)
-    if arguments.spacing != 1.0:
-        from deepmri.geometry import resample_to_spacing
-
-        fixed, colin = (
-            resample_to_spacing(image, [arguments.spacing] * 3) for image in (fixed, colin)
-        )
-    fixed_mask, fixed_labels = brain_labels(fixed)
-    _, moving_labels = brain_labels(colin)
-    reference = array(fixed_labels)
-    inside = array(fixed_mask) > 0
-    print("tissue labels: classical GMM once per T1 image, the same for every method", flush=True)
+    read = {name: sitk.ReadImage(path) for name, path in paths.items()}
+    fixed, mask = read["fixed"], read["fixed_mask"]
+    reference = array(read["fixed_labels"])
+    moving = read["moving" + pair]
+    workdir = Path(tempfile.mkdtemp(prefix=f"{method}{pair}-"))
     results: dict[str, float | str | None] = {}
-    rows = []
+    truth = compose(None, read["truth_synthetic"])
+    rng = np.random.default_rng(18)
+    voxels = np.argwhere(array(mask) > 0)
+    voxels = voxels[rng.choice(len(voxels), min(5000, len(voxels)), replace=False)]
+    points = [
+        fixed.TransformIndexToPhysicalPoint([int(v) for v in voxel[::-1]]) for voxel in voxels
+    ]
 
-    for pair, moving in (("", colin), ("_xcontrast", t2_like(colin))):
-        ours = register(fixed, moving, "deformable")
-        affine = ours.linear
-        moving_affine = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
-        labels_affine = sitk.Resample(moving_labels, fixed, affine, sitk.sitkNearestNeighbor, 0)
+    def end_point_error(transform: sitk.Transform) -> float:
+        errors = [
+            np.linalg.norm(np.subtract(transform.TransformPoint(p), truth.TransformPoint(p)))
+            for p in points
+        ]
+        return float(np.mean(errors))
+
+    if method == "deepmri":
+        marks = {}
+
+        def progress(fraction: float, message: str) -> None:
+            if message == "linear alignment done":
+                marks["wall"], marks["cpu"] = time.perf_counter(), time.process_time()
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        ours = register(fixed, moving, "deformable", progress=progress)
+        end_wall, end_cpu = time.perf_counter(), time.process_time()
+        sitk.WriteTransform(ours.linear, str(Path(output) / f"affine{pair}.tfm"))
+        results[f"seconds_affine{pair}"] = round(marks["wall"] - wall, 2)
+        results[f"cpu_seconds_affine{pair}"] = round(marks["cpu"] - cpu, 2)
+        results[f"seconds_deformable{pair}"] = round(end_wall - marks["wall"], 2)
+        results[f"cpu_seconds_deformable{pair}"] = round(end_cpu - marks["cpu"], 2)
+        results[f"folding_pct_deformable{pair}"] = folding_percent(ours.jacobian, mask)
+        results[f"similarity_deformable{pair}"] = ours.measures["similarity"]
+        if pair == "_synthetic":
+            results["epe_mm_identity"] = end_point_error(sitk.Transform(3, sitk.sitkIdentity))
+            results["epe_mm_affine"] = end_point_error(ours.linear)
+            results["epe_mm_deformable"] = end_point_error(ours.transform)
+            return results
+        labels_affine = sitk.Resample(
+            read["moving_labels"], fixed, ours.linear, sitk.sitkNearestNeighbor, 0
+        )
         results[f"dice_tissue_affine{pair}"] = dice_tissue(array(labels_affine), reference)
-        results[f"seconds_affine{pair}"] = ours.measures["seconds_linear"]
         # The same route as the peers: labels through the affine, then through the field.
         warped = sitk.Resample(
             labels_affine, fixed, compose(None, ours.displacement), sitk.sitkNearestNeighbor, 0
         )
         results[f"dice_tissue_deformable{pair}"] = dice_tissue(array(warped), reference)
-        results[f"seconds_deformable{pair}"] = round(
-            ours.measures["seconds"] - ours.measures["seconds_linear"], 2
-        )
-        results[f"folding_pct_deformable{pair}"] = folding_percent(ours.jacobian, fixed_mask)
-        results[f"similarity_deformable{pair}"] = ours.measures["similarity"]
-        print(json.dumps({k: v for k, v in results.items() if k.endswith(pair)}), flush=True)
         if pair == "":
-            save_overlay(fixed, moving_affine, ours.warped, ours.jacobian, output)
-        for name in available:
-            try:
-                if name == "syn":
-                    field, seconds = run_syn(fixed, moving_affine, workdir)
-                elif name == "elastix":
-                    field, seconds = run_elastix(fixed, moving_affine, workdir, arguments.threads)
-                else:
-                    field, seconds = run_convexadam(fixed, moving_affine)
-            except Exception as error:  # noqa: BLE001 - a failing peer is reported, not fatal
-                print(f"{name}{pair} failed: {error}", flush=True)
-                results[f"dice_tissue_{name}{pair}"] = None
-                continue
-            peer_labels = sitk.Resample(
-                labels_affine, fixed, compose(None, field), sitk.sitkNearestNeighbor, 0
-            )
-            results[f"dice_tissue_{name}{pair}"] = dice_tissue(array(peer_labels), reference)
-            results[f"seconds_{name}{pair}"] = round(seconds, 2)
-            results[f"folding_pct_{name}{pair}"] = folding_percent(
-                jacobian_determinant(field), fixed_mask
-            )
-            print(name + pair, results[f"dice_tissue_{name}{pair}"], round(seconds, 1), flush=True)
+            affine_only = sitk.Resample(moving, fixed, ours.linear, sitk.sitkLinear, 0.0)
+            save_overlay(fixed, affine_only, ours.warped, ours.jacobian, Path(output))
+        return results
 
-    # Known deformation of the real template: end-point error against the true inverse.
-    warp = smooth_deformation(fixed, 8.0, seed=18)
-    moving = sitk.Resample(fixed, fixed, compose(None, warp), sitk.sitkLinear, 0.0)
-    inverse = sitk.InvertDisplacementField(
-        warp, maximumNumberOfIterations=50, maxErrorToleranceThreshold=0.01
-    )
-    truth = compose(None, inverse)
-    rng = np.random.default_rng(18)
-    voxels = np.argwhere(inside)
-    points = [
-        fixed.TransformIndexToPhysicalPoint([int(v) for v in voxel[::-1]])
-        for voxel in voxels[rng.choice(len(voxels), min(5000, len(voxels)), replace=False)]
-    ]
-
-    def end_point_error(transform: sitk.Transform) -> float:
-        return float(
-            np.mean(
-                [
-                    np.linalg.norm(
-                        np.subtract(transform.TransformPoint(p), truth.TransformPoint(p))
-                    )
-                    for p in points
-                ]
-            )
-        )
-
-    results["epe_mm_identity"] = end_point_error(sitk.Transform(3, sitk.sitkIdentity))
-    ours = register(fixed, moving, "deformable")
-    results["epe_mm_affine"] = end_point_error(ours.linear)
-    results["epe_mm_deformable"] = end_point_error(ours.transform)
-    results["seconds_deformable_synthetic"] = round(
-        ours.measures["seconds"] - ours.measures["seconds_linear"], 2
-    )
-    if "syn" in available:
-        field, seconds = run_syn(fixed, moving, workdir)
-        results["epe_mm_syn"] = end_point_error(compose(None, field))
-        results["seconds_syn_synthetic"] = round(seconds, 2)
+    if pair == "_synthetic":
+        start = sitk.Transform(3, sitk.sitkIdentity)
     else:
-        results["epe_mm_syn"] = None
-    if results.get("seconds_syn"):
-        results["speedup_vs_syn"] = round(results["seconds_syn"] / results["seconds_deformable"], 2)
+        start = sitk.ReadTransform(str(Path(output) / f"affine{pair}.tfm"))
+    moving_affine = sitk.Resample(moving, fixed, start, sitk.sitkLinear, 0.0)
+    if method == "syn":
+        field, wall, cpu = run_syn(fixed, moving_affine, workdir)
+    elif method == "elastix":
+        field, wall, cpu = run_elastix(fixed, moving_affine, workdir, threads)
+    else:
+        field, wall, cpu = run_convexadam(fixed, moving_affine)
+    results[f"seconds_{method}{pair}"] = round(wall, 2)
+    results[f"cpu_seconds_{method}{pair}"] = round(cpu, 2)
+    results[f"folding_pct_{method}{pair}"] = folding_percent(jacobian_determinant(field), mask)
+    if pair == "_synthetic":
+        results[f"epe_mm_{method}"] = end_point_error(compose(start, field))
+        return results
+    labels_affine = sitk.Resample(read["moving_labels"], fixed, start, sitk.sitkNearestNeighbor, 0)
+    peer_labels = sitk.Resample(
+        labels_affine, fixed, compose(None, field), sitk.sitkNearestNeighbor, 0
+    )
+    results[f"dice_tissue_{method}{pair}"] = dice_tissue(array(peer_labels), reference)
+    return results
+
+
+def main() -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="threads per method")
+    parser.add_argument("--workers", type=int, default=4, help="methods run side by side")
+    parser.add_argument("--peers", default="syn,elastix,convexadam")
+    parser.add_argument("--output", default=None, help="folder for overlays (PNG) and affines")
+    parser.add_argument("--write-docs", default=None)
+    parser.add_argument(
+        "--spacing", type=float, default=1.0, help="resample both images first (a quick smoke run)"
+    )
+    arguments = parser.parse_args()
+    output = Path(arguments.output or tempfile.mkdtemp(prefix="eval-registration-"))
+    output.mkdir(parents=True, exist_ok=True)
+    available = []
+    for name in [name for name in arguments.peers.split(",") if name]:
+        try:
+            __import__(PEER_MODULES[name])
+            if name == "elastix":
+                import itk
+
+                itk.ElastixRegistrationMethod  # noqa: B018 - loads the elastix module
+            available.append(name)
+        except Exception as error:  # noqa: BLE001 - any import failure skips the peer
+            print(f"skipping {name}: {PEER_MODULES.get(name)} is not importable ({error})")
+    paths = prepare(Path(tempfile.mkdtemp(prefix="eval-inputs-")), arguments.spacing)
+    print("tissue labels: classical GMM once per T1 image, the same for every method", flush=True)
+    results: dict[str, float | str | None] = {}
+    context = multiprocessing.get_context("spawn")
+
+    def submit(pool, method, pair):
+        return pool.submit(
+            run_job, method, pair, paths, arguments.threads, str(output)
+        ), f"{method}{pair}"
+
+    with ProcessPoolExecutor(arguments.workers, mp_context=context) as pool:
+        first = [submit(pool, "deepmri", pair) for pair in ("", "_xcontrast")]
+        later = [submit(pool, "deepmri", "_synthetic")]
+        if "syn" in available:
+            later.append(submit(pool, "syn", "_synthetic"))
+        for future, name in first:
+            results.update(future.result())
+            print(name, json.dumps(future.result()), flush=True)
+        for method in available:
+            later += [submit(pool, method, pair) for pair in ("", "_xcontrast")]
+        for future, name in later:
+            try:
+                results.update(future.result())
+                print(name, json.dumps(future.result()), flush=True)
+            except Exception as error:  # noqa: BLE001 - a failing peer is reported, not fatal
+                print(f"{name} failed: {error}", flush=True)
+    for name in ("syn", "elastix", "convexadam"):
+        for pair in ("", "_xcontrast"):
+            results.setdefault(f"dice_tissue_{name}{pair}", None)
+    results.setdefault("epe_mm_syn", None)
+    for kind in ("seconds", "cpu_seconds"):
+        if results.get(f"{kind}_syn") and results.get(f"{kind}_deformable"):
+            results[f"speedup_vs_syn_{kind}"] = round(
+                results[f"{kind}_syn"] / results[f"{kind}_deformable"], 2
+            )
     print("overlays:", output, flush=True)
-    rows = results
     if arguments.write_docs:
-        write_docs(Path(arguments.write_docs), rows, arguments)
+        write_docs(Path(arguments.write_docs), results, arguments)
     print(
         json.dumps(
             {key: (round(v, 4) if isinstance(v, float) else v) for key, v in results.items()}
@@ -321,8 +385,9 @@ def write_docs(path: Path, results: dict, arguments) -> None:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     lines = [
-        "| method | tissue Dice T1->T1 | tissue Dice T2-like->T1 | seconds (T1) | folding % in brain (T1) |",
-        "|---|---|---|---|---|",
+        "| method | tissue Dice T1->T1 | tissue Dice T2-like->T1 | wall s (T1) | CPU s (T1) "
+        "| folding % in brain (T1) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, label in (
         ("affine", "DeepMRI affine (start of all below)"),
@@ -333,12 +398,16 @@ def write_docs(path: Path, results: dict, arguments) -> None:
     ):
         lines.append(
             f"| {label} | {cell('dice_tissue_' + name)} | {cell('dice_tissue_' + name + '_xcontrast')} "
-            f"| {cell('seconds_' + name)} | {cell('folding_pct_' + name)} |"
+            f"| {cell('seconds_' + name)} | {cell('cpu_seconds_' + name)} "
+            f"| {cell('folding_pct_' + name)} |"
         )
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     marker = "<!-- table -->"
     table = "\n".join(lines)
-    command = f"python Testing/benchmarks/eval_registration.py --threads {arguments.threads}"
+    command = (
+        "python Testing/benchmarks/eval_registration.py "
+        f"--threads {arguments.threads} --workers {arguments.workers}"
+    )
     block = f"{marker}\n{table}\n\nCommand: `{command}`\n\n```json\n{json.dumps(results, indent=1)}\n```\n{marker}"
     if text.count(marker) >= 2:
         start, end = text.index(marker), text.rindex(marker) + len(marker)

@@ -138,6 +138,7 @@ def register(
         check_cancel(cancel)
         transform = compose(linear, displacement)
         jacobian = jacobian_determinant(displacement)
+        check_cancel(cancel)
         measures.update(
             similarity=similarity,
             similarity_loss=round(losses["similarity"], 5),
