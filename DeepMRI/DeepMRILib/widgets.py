@@ -227,6 +227,8 @@ class PanelMixin:
     The widget class also derives from `ScriptedLoadableModuleWidget` and `VTKObservationMixin`,
     calls `setupPanel` in its `setup`, and implements `updatePanel` (called on every parameter
     change) and, if it needs to, `prepareParameterNode` (defaults for a new parameter node).
+    A task panel can instead declare `defaultVolumes`, `required`, `applyTips` and
+    `outputParameters` and write only `onApplyButton` (DeepMRIRegistration, for one).
     """
 
     _parameterNode: Any = None
@@ -309,9 +311,13 @@ class PanelMixin:
         set gets the scene's next scalar volume (fixed the first, moving the second)."""
         import slicer
 
-        for index, name in enumerate(self.defaultVolumes):
-            volume = slicer.mrmlScene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
-            if volume is not None and not getattr(parameters, name):
+        volumes = [
+            node
+            for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            if not node.IsA("vtkMRMLLabelMapVolumeNode")
+        ]
+        for name, volume in zip(self.defaultVolumes, volumes, strict=False):
+            if not getattr(parameters, name):
                 setattr(parameters, name, volume)
 
     def setParameterNode(self, parameters: Any) -> None:
