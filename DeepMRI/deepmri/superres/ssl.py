@@ -268,7 +268,8 @@ def apply_through_plane(
     over the passes (half their difference for two).
     """
     passes = _passes(thick, flips)
-    mean = square = None
+    mean = np.zeros(volume.shape, dtype=np.float64)
+    square = np.zeros_like(mean)
     done = 0
     work = sum(volume.shape[order[0]] for order, _ in passes)
     for order, flip in passes:
@@ -288,12 +289,9 @@ def apply_through_plane(
             output[first : first + chunk] = result[:, 0].cpu().numpy()
             done += part.shape[0]
             progress(done / work, f"Applying through-plane: {done}/{work} slices")
-        restored = np.transpose(output, np.argsort(order))
-        if mean is None:
-            mean, square = restored.astype(np.float64), restored.astype(np.float64) ** 2
-        else:
-            mean += restored
-            square += restored.astype(np.float64) ** 2
+        restored = np.transpose(output, np.argsort(order)).astype(np.float64)
+        mean += restored
+        square += restored**2
     total = len(passes)
     mean /= total
     spread = np.sqrt(np.maximum(square / total - mean**2, 0.0))
