@@ -93,3 +93,22 @@ def test_the_model_modules_import_first_in_a_fresh_interpreter():
     code = "import deepmri.models.fetch, deepmri.models.importers, deepmri.models.store"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_reading_every_task_declaration_imports_neither_torch_nor_monai():
+    """The CLI builds its parser from every declaration at each start, and Slicer reads them
+    before PyTorch may be installed: declarations must stay free of the heavy libraries."""
+    probe = (
+        "import sys\n"
+        "from deepmri.cli import build_parser\n"
+        "from deepmri.tasks import available_tasks, get_task\n"
+        "build_parser()\n"
+        "tasks = [get_task(name) for name in available_tasks()]\n"
+        "print(len(tasks), sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    count, heavy = completed.stdout.strip().split(" ", 1)
+    assert int(count) >= 5
+    assert heavy == "[]", f"declaring the tasks imported {heavy}"

@@ -169,9 +169,9 @@ def test_slice_profile_with_gap_from_thickness_or_gap():
 
 
 def test_task_declares_its_options_and_writes_outputs(tmp_path, monkeypatch):
-    import deepmri.superres.ssl as ssl
+    import deepmri.superres.settings as settings
 
-    monkeypatch.setitem(ssl.BUDGETS, "quick", TINY)  # the presets are sized for real volumes
+    monkeypatch.setitem(settings.BUDGETS, "quick", TINY)  # the presets are sized for real volumes
     task = get_task("superresolve")
     image = thick_oblique()
     context = RunContext(wanted=frozenset({"uncertainty"}))

@@ -29,7 +29,7 @@ import torch
 from deepmri import data
 from deepmri.superres import SSLSettings, superresolve
 from deepmri.superres.profile import simulate_thick_slices
-from deepmri.superres.ssl import settings_for_budget
+from deepmri.superres.settings import settings_for_budget
 from monai.metrics import PSNRMetric
 from monai.metrics.regression import compute_ssim_and_cs
 

@@ -32,19 +32,17 @@ from deepmri.superres.grid import (
     thick_axis,
 )
 from deepmri.superres.profile import SliceProfile, apply_along, cubic_matrix
+from deepmri.superres.settings import METHODS, SSLSettings, settings_for_budget
 from deepmri.superres.ssl import (
     PatchSampler,
     ResidualSRNet,
-    SSLSettings,
     apply_through_plane,
     estimate_apply_seconds,
-    settings_for_budget,
     train_network,
     training_stacks,
 )
 from deepmri.validation import validate_image
 
-METHODS = ("ssl", "cubic", "sinc")
 _AXIS_NAMES = ("i", "j", "k")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,41 +19,7 @@ from torch import nn
 
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
 from deepmri.superres.profile import SliceProfile, apply_along, degrade_and_upsample_matrix
-
-
-@dataclass(frozen=True)
-class SSLSettings:
-    """Network size, training budget and passes. `iterations` fixes the step count (reproducible);
-    otherwise steps are chosen from `budget_seconds` after timing the first few on this machine."""
-
-    width: int = 32
-    depth: int = 6
-    patch: int = 48
-    batch: int = 16
-    learning_rate: float = 2e-3
-    budget_seconds: float = 60.0
-    iterations: int | None = None
-    min_iterations: int = 40
-    max_iterations: int = 6000
-    flips: bool = False
-    seed: int = 0
-
-
-# What the named budgets mean on any device: seconds in all, network, test-time flips.
-BUDGETS: dict[str, SSLSettings] = {
-    "quick": SSLSettings(width=16, depth=5, patch=32, batch=8, budget_seconds=60.0),
-    "standard": SSLSettings(width=32, depth=6, budget_seconds=180.0),
-    "best": SSLSettings(width=48, depth=8, budget_seconds=900.0, flips=True),
-}
-
-
-def settings_for_budget(budget: str | float) -> SSLSettings:
-    """'quick', 'standard', 'best', or a number of seconds (the 'quick' network, scaled up)."""
-    if isinstance(budget, str) and budget in BUDGETS:
-        return BUDGETS[budget]
-    seconds = float(budget)
-    base = BUDGETS["quick"] if seconds < 150 else BUDGETS["standard"]
-    return replace(base, budget_seconds=seconds)
+from deepmri.superres.settings import SSLSettings
 
 
 class ResidualSRNet(nn.Module):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepmri.superres import BUDGETS, METHODS, superresolve
 from deepmri.superres.profile import PROFILE_SHAPES
+from deepmri.superres.settings import BUDGETS, METHODS
 from deepmri.tasks.base import (
     InputSpec,
     Kind,
@@ -98,7 +98,8 @@ class SuperResolveTask(Task):
     ) -> TaskResult:
         from dataclasses import replace
 
-        from deepmri.superres.ssl import settings_for_budget
+        from deepmri.superres.restore import superresolve
+        from deepmri.superres.settings import settings_for_budget
 
         context.config.apply_threads()
         budget = parse_budget(options["budget"])
