@@ -172,6 +172,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux).
+
+    os.umask can only be read by setting it, and for that moment every file another thread
+    creates (a download in the Slicer GUI, say) would be world-writable; /proc has it read-only.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     current = os.umask(0)
     os.umask(current)
     return current
