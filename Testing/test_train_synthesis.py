@@ -95,3 +95,11 @@ def test_site_folders_train_from_matching_file_names(tmp_path):
     )
     state = train(recipe, tmp_path / "run", log=lambda line: None, pairs=pairs)
     assert state["best"] is not None
+
+
+def test_the_recipe_is_a_deepmri_train_sub_command(tmp_path, capsys):
+    from deepmri.cli import main
+
+    assert main(["train", "synthesize", "--out", str(tmp_path), "--source-dir", str(tmp_path)]) == 2
+    assert "--source-dir and --target-dir go together" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any run folder was made

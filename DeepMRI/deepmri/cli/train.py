@@ -1,7 +1,8 @@
-"""`deepmri train segment`: train the shipped segmentation models from synthetic data.
+"""`deepmri train segment|synthesize`: train the shipped models from synthetic data.
 
-Runs the recipe in deepmri.train.segment under a wall-clock budget, resumable, and exports the best
-weights with their model card.
+`segment` runs the recipe in deepmri.train.segment, `synthesize` the pix2pix recipe in
+deepmri.train.synthesize (simulated pairs, or a site's own with --source-dir/--target-dir); both
+are resumable and export the best weights with their model card.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--export-only", action="store_true", help="only export OUT's best weights to --export"
     )
     segment.set_defaults(handler=_segment)
+    _add_synthesize(tasks)
     parser.set_defaults(handler=lambda arguments: parser.print_help() or 1)
 
 
@@ -92,4 +94,50 @@ def _segment(arguments: argparse.Namespace) -> int:
     if arguments.export:
         card = export(arguments.out, arguments.export)
         print(f"exported {card['id']} to {arguments.export} ({card['weights']['size']} bytes)")
+    return 0
+
+
+def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
+    synthesize = tasks.add_parser(
+        "synthesize", help="contrast synthesis (pix2pix on simulated pairs)"
+    )
+    synthesize.add_argument("--source", default="T1w", choices=["T1w", "T2w", "FLAIR"])
+    synthesize.add_argument("--target", default="T2w", choices=["T1w", "T2w", "FLAIR", "PDw"])
+    synthesize.add_argument("--out", type=Path, required=True, help="run folder")
+    synthesize.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
+    synthesize.add_argument("--seed", type=int, default=0)
+    synthesize.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    synthesize.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    synthesize.add_argument(
+        "--adversarial-weight", type=float, default=0.01, help="0 trains with L1 only"
+    )
+    synthesize.add_argument(
+        "--cosine-after", type=float, default=0.5, help="share of the budget before the LR decays"
+    )
+    synthesize.add_argument("--export", type=Path, help="write the best weights as a model folder")
+    synthesize.add_argument("--source-dir", type=Path, help="a site's own inputs (brain-only)")
+    synthesize.add_argument(
+        "--target-dir", type=Path, help="their co-registered targets, same file names"
+    )
+    synthesize.set_defaults(handler=_synthesize)
+
+
+def _synthesize(arguments: argparse.Namespace) -> int:
+    from deepmri.train.synthesize import run_recipe
+
+    run_recipe(
+        arguments.source,
+        arguments.target,
+        arguments.out,
+        minutes=arguments.minutes,
+        seed=arguments.seed,
+        threads=arguments.threads,
+        resume=arguments.resume,
+        adversarial_weight=arguments.adversarial_weight,
+        cosine_after=arguments.cosine_after,
+        export=arguments.export,
+        source_dir=arguments.source_dir,
+        target_dir=arguments.target_dir,
+        command=shlex.join(["deepmri", *sys.argv[1:]]),
+    )
     return 0

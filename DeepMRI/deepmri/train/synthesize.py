@@ -6,12 +6,11 @@ protocol (clean). The generator is MONAI's 3D UNet, the discriminator MONAI's Pa
 (`PatchDiscriminator`, conditioned on the input); loss L1 + lambda x least-squares adversarial
 (Isola et al., CVPR 2017; Mao et al., ICCV 2017), the adversarial term after an L1-only warm-up.
 
-Run: python -m deepmri.train.synthesize --source T1w --target T2w --out DIR --minutes 60
+Run: deepmri train synthesize --source T1w --target T2w --out DIR --minutes 60
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepmri.errors import DeepMRIError
 from deepmri.intensity import normalize_percentile
 from deepmri.simulate import Grid, SimulatedSubject, sample_subject, simulate_subject
 
@@ -381,53 +381,56 @@ def _target_protocol(target: str) -> dict[str, Any]:
     return PROTOCOLS[target].to_dict()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="T1w", choices=["T1w", "T2w", "FLAIR"])
-    parser.add_argument("--target", default="T2w", choices=["T1w", "T2w", "FLAIR", "PDw"])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument(
-        "--adversarial-weight", type=float, default=0.01, help="0 trains with L1 only"
-    )
-    parser.add_argument(
-        "--cosine-after", type=float, default=0.5, help="share of the budget before the LR decays"
-    )
-    parser.add_argument("--export", type=Path, help="write the best weights as a model folder")
-    parser.add_argument("--source-dir", type=Path, help="a site's own inputs (brain-only)")
-    parser.add_argument("--target-dir", type=Path, help="their co-registered targets, same names")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def run_recipe(
+    source: str,
+    target: str,
+    out: Path,
+    *,
+    minutes: float = 60.0,
+    seed: int = 0,
+    threads: int = 1,
+    resume: bool = False,
+    adversarial_weight: float = 0.01,
+    cosine_after: float = 0.5,
+    export: Path | None = None,
+    source_dir: Path | None = None,
+    target_dir: Path | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Train on simulator pairs (or a site's folder pairs) and optionally export the best weights.
+
+    `deepmri train synthesize` calls this; `command` (the exact command line) goes on the card.
+    """
+    torch.set_num_threads(threads)
     recipe = SynthesisRecipe(
-        source=args.source,
-        target=args.target,
-        minutes=args.minutes,
-        seed=args.seed,
-        cosine_after=args.cosine_after,
-        adversarial_weight=args.adversarial_weight,
+        source=source,
+        target=target,
+        minutes=minutes,
+        seed=seed,
+        cosine_after=cosine_after,
+        adversarial_weight=adversarial_weight,
     )
     pairs = None
-    if args.source_dir or args.target_dir:
-        if not (args.source_dir and args.target_dir):
-            parser.error("--source-dir and --target-dir go together")
-        pairs = FolderPairs(args.source_dir, args.target_dir, recipe.spacing, recipe.patch)
-    state = train(recipe, args.out, resume=args.resume, pairs=pairs)
-    if args.export:
+    if source_dir or target_dir:
+        if not (source_dir and target_dir):
+            raise DeepMRIError("--source-dir and --target-dir go together.")
+        pairs = FolderPairs(source_dir, target_dir, recipe.spacing, recipe.patch)
+    state = train(recipe, out, resume=resume, pairs=pairs)
+    if export:
         from deepmri.models import save_model
 
-        command = (
-            f"python -m deepmri.train.synthesize --source {args.source} --target {args.target} "
-            f"--out {args.out} --minutes {args.minutes} --seed {args.seed} --threads {args.threads}"
-            f" --cosine-after {args.cosine_after} --adversarial-weight {args.adversarial_weight}"
-        )
-        if pairs is not None:
-            command += f" --source-dir {args.source_dir} --target-dir {args.target_dir}"
-        generator = load_generator(recipe, args.out / "best_generator.pt")
-        save_model(generator, card_for(recipe, state, command), args.export)
-    return 0
+        generator = load_generator(recipe, out / "best_generator.pt")
+        save_model(generator, card_for(recipe, state, command), export)
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deepmri.train.synthesize ...` is `deepmri train synthesize ...`."""
+    import sys
+
+    from deepmri.cli import main as deepmri_main
+
+    return deepmri_main(["train", "synthesize", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
