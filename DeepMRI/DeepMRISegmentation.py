@@ -68,6 +68,8 @@ class DeepMRISegmentationParameterNode:
     """Everything the module panel shows; saved with the scene.
 
     inputVolume - the MRI to segment. model - the model id. roi - optional box limiting the region.
+    includeCsf - brain mask with the CSF around the brain (off: the tight brain, for models with
+    both conventions).
     device - where to run (auto, cpu, cuda, mps). probabilities/uncertainty - extra outputs.
     outputSegmentation - the latest result. overlayVolume/showOverlay - a probability or
     uncertainty map shown over the input in the slice views.
@@ -77,6 +79,7 @@ class DeepMRISegmentationParameterNode:
     model: str = "brain-tissue"
     roi: vtkMRMLMarkupsROINode
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    includeCsf: bool = True
     probabilities: bool = False
     uncertainty: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
@@ -123,6 +126,7 @@ class DeepMRISegmentationWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObs
         )
         if parameters:
             self.showModel(parameters.model)
+            self.ui.includeCsfCheckBox.enabled = self._offersTightMask(parameters.model)
             show_overlay(slicer.mrmlScene, parameters.overlayVolume, parameters.showOverlay)
 
     def onApplyButton(self) -> None:
@@ -133,9 +137,13 @@ class DeepMRISegmentationWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObs
             what=_("Segmentation failed"),
             device=parameters.device,
             model=parameters.model,
+            csf=parameters.includeCsf or not self._offersTightMask(parameters.model),
             roi_node=parameters.roi,
             wanted=[name for name in ("probability", "uncertainty") if getattr(parameters, name)],
         )
+
+    def _offersTightMask(self, model_id: str) -> bool:
+        return bool(self._models.get(model_id, {}).get("tight_mask"))
 
     def _showResult(self, outputs) -> None:
         if self.parameters:

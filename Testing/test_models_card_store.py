@@ -84,6 +84,7 @@ _DELETE = object()
         ("weights.format", "pickle"),
         ("license", ""),
         ("metrics[0].value", "high"),
+        ("tight_labels", [7]),
     ],
 )
 def test_bad_card_names_the_bad_field(field, value):
@@ -93,6 +94,14 @@ def test_bad_card_names_the_bad_field(field, value):
         ModelCard.from_dict(data)
     # 'preprocessing.normalization.method' is reported as such; others by their own path.
     assert f"'{field}'" in str(error.value)
+
+
+def test_tight_labels_round_trip_and_are_left_out_when_empty():
+    data = copy.deepcopy(tiny_card())
+    assert "tight_labels" not in ModelCard.from_dict(data).to_dict()
+    data["tight_labels"] = [data["labels"][0]["value"]]
+    card = ModelCard.from_dict(data)
+    assert ModelCard.from_dict(card.to_dict()).tight_labels == data["tight_labels"]
 
 
 def test_card_file_that_is_not_json_says_where(tmp_path):

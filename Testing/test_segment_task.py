@@ -380,3 +380,58 @@ def test_classical_tissue_through_the_task_gives_three_classes_inside_the_brain(
         "Grey matter",
         "White matter",
     ]
+
+
+def _two_convention_store(tmp_path) -> ModelStore:
+    """A real threshold network with two labels: 1 (0.2-0.4 of the range) and 2 (above)."""
+    card = threshold_card("test-brain-csf", 3)
+    card["architecture"]["config"] = {"threshold": 0.2, "classes": 3}
+    card["labels"][1]["name"] = "CSF around the brain"
+    card["tight_labels"] = [1]
+    card["postprocessing"] = ["largest_component", "fill_holes"]
+    folder = tmp_path / "models"
+    save_model(IntensityThreshold(0.2, 3), card, folder / "test-brain-csf")
+    return ModelStore(Settings(home=tmp_path / "home"), extra_paths=(folder,))
+
+
+def shell_image() -> sitk.Image:
+    """A dim core (label 1) holding a bright 'ventricle', inside a bright shell (label 2)."""
+    k, j, i = np.meshgrid(*(np.arange(40) - 19.5,) * 3, indexing="ij")
+    radius = np.sqrt(k**2 + j**2 + i**2)
+    values = np.where(radius < 16, 90.0, 5.0)
+    values[radius < 12] = 30.0
+    values[radius < 3] = 90.0
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.SetSpacing((1.5, 1.5, 1.5))
+    return image
+
+
+def test_no_csf_gives_the_tight_brain_with_its_holes_filled(tmp_path):
+    store = _two_convention_store(tmp_path)
+    image = shell_image()
+    default = sitk.GetArrayFromImage(segment(image, "test-brain-csf", store=store).labels)
+    tight = sitk.GetArrayFromImage(segment(image, "test-brain-csf", csf=False, store=store).labels)
+    values = sitk.GetArrayFromImage(image)
+    assert set(np.unique(default)) == {0, 1, 2}
+    assert set(np.unique(tight)) == {0, 1}
+    assert (tight > 0).sum() < (default > 0).sum()
+    assert tight[values == 30.0].all() and tight[20, 20, 20] == 1  # the inner 'ventricle' filled
+    assert not tight[(values == 90.0) & (default == 2) & (tight == 0)].any()
+    assert not (tight[default == 0]).any()
+
+
+def test_no_csf_with_a_one_convention_model_is_refused_before_work(store):
+    with pytest.raises(ModelError, match="one mask convention"):
+        segment(blob_image(), "test-brain", csf=False, store=store)
+
+
+def test_the_cli_passes_no_csf_to_the_task(tmp_path, unet_model_path):
+    write_image(blob_image(), tmp_path / "scan.nrrd")
+    env = {"DEEPMRI_MODEL_PATH": str(unet_model_path), "DEEPMRI_HOME": str(tmp_path / "home")}
+    done = run_cli(
+        "segment", str(tmp_path / "scan.nrrd"), "-o", str(tmp_path / "labels.nii.gz"),
+        "--model", "test-unet", "--no-csf", env_extra=env,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "one mask convention" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "labels.nii.gz").exists()

@@ -193,8 +193,9 @@ class ModelsLogic:
 
     def models_for_task(
         self, task: str = "segmentation", default: str = DEFAULT_SEGMENTATION_MODEL
-    ) -> list[dict[str, str]]:
-        """Usable models of one task for a menu: id, title, one-line description; default first."""
+    ) -> list[dict[str, Any]]:
+        """Usable models of one task for a menu: id, title, one-line description, whether it
+        offers the tight brain mask; default first."""
         models = []
         for info in self.store().list():
             if info.card is None or info.status != "ok" or info.task != task:
@@ -206,7 +207,14 @@ class ModelsLogic:
                 f"{title} v{card.get('version', '?')}: {labels or 'no labels listed'}. "
                 f"Licence: {card.get('license', 'not stated')}."
             )
-            models.append({"id": card["id"], "title": title, "description": description})
+            models.append(
+                {
+                    "id": card["id"],
+                    "title": title,
+                    "description": description,
+                    "tight_mask": bool(card.get("tight_labels")),  # offers --no-csf
+                }
+            )
         return sorted(models, key=lambda model: (model["id"] != default, model["id"]))
 
     def card(self, model_id: str) -> dict[str, Any]:

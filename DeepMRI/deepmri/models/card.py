@@ -118,6 +118,9 @@ class ModelCard:
     weights: dict[str, Any]
     license: str
     postprocessing: list[str] = field(default_factory=list)
+    # Label values whose union (holes filled) is the tight brain, without the CSF around it: a
+    # brain-extraction model that lists them offers both mask conventions (`--no-csf`).
+    tight_labels: list[int] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     citation: str = ""
@@ -172,6 +175,9 @@ class ModelCard:
             isinstance(s, str) for s in postprocessing
         ):
             raise _fail("postprocessing", "a list of step names", postprocessing)
+        tight_labels = data.get("tight_labels") or []
+        if not isinstance(tight_labels, list) or not set(tight_labels) <= set(values):
+            raise _fail("tight_labels", f"a list of label values from {values}", tight_labels)
         metrics = data.get("metrics") or []
         _validate_metrics(metrics)
         known = set(cls.__dataclass_fields__) - {"extra"}
@@ -187,6 +193,7 @@ class ModelCard:
             weights=weights,
             license=license_text,
             postprocessing=list(postprocessing),
+            tight_labels=[int(value) for value in tight_labels],
             metrics=list(metrics),
             training=dict(data.get("training") or {}),
             citation=str(data.get("citation") or ""),
@@ -206,6 +213,7 @@ class ModelCard:
             "inference": self.inference,
             "postprocessing": self.postprocessing,
             "labels": [label.to_dict() for label in self.labels],
+            **({"tight_labels": self.tight_labels} if self.tight_labels else {}),
             "metrics": self.metrics,
             "training": self.training,
             "license": self.license,

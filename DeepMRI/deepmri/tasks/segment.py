@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepmri import preprocess
-from deepmri.errors import InvalidImageError
+from deepmri.errors import InvalidImageError, ModelError
 from deepmri.progress import (
     CancelLike,
     ProgressCallback,
@@ -55,7 +55,7 @@ class SegmentTask(Task):
         >>> from deepmri.tasks import get_task
         >>> task = get_task("segment")
         >>> [option.name for option in task.options]
-        ['model']
+        ['model', 'csf']
         >>> result = task({"image": image}, {"model": "brain-extraction"})  # doctest: +SKIP
         >>> result.measures  # doctest: +SKIP
         {'Brain (mL)': 1510.2}
@@ -67,6 +67,13 @@ class SegmentTask(Task):
     inputs = (InputSpec("image", Kind.VOLUME, "NIfTI/NRRD/MHA file or DICOM folder"),)
     options = (
         OptionSpec("model", str, BRAIN_TISSUE, "model id or model folder (default: brain-tissue)"),
+        OptionSpec(
+            "csf",
+            bool,
+            True,
+            "brain mask with the CSF around the brain (the default, as SynthStrip and deepbet "
+            "give it); --no-csf: the tight brain (brain-extraction models with two labels)",
+        ),
     )
     outputs = (
         OutputSpec("labels", Kind.LABELS, "label map on the input grid"),
@@ -86,6 +93,7 @@ class SegmentTask(Task):
         result = segment(
             inputs["image"],
             options["model"],
+            csf=options["csf"],
             config=context.config,
             probabilities=context.wants("probability"),
             uncertainty=context.wants("uncertainty"),
@@ -138,6 +146,7 @@ def segment(
     device: str | None = None,
     precision: str | None = None,
     config: RunConfig | None = None,
+    csf: bool = True,
     probabilities: bool = False,
     uncertainty: bool = False,
     progress: ProgressCallback | None = None,
@@ -148,7 +157,9 @@ def segment(
 
     For `brain-tissue` the brain is extracted first (the `brain-extraction` model), so whole-head
     and skull-stripped scans both work. `config` (device, precision, threads) is how the front
-    doors pass the user's choice; `device`/`precision` are shorthands on top of it.
+    doors pass the user's choice; `device`/`precision` are shorthands on top of it. `csf=False`
+    gives the tight brain mask (no CSF around the brain) of a model whose card lists
+    `tight_labels`; other models raise ModelError before any work.
 
     Examples:
         >>> from deepmri.data import load_mni152
@@ -176,6 +187,12 @@ def segment(
         "models": [],
     }
     main_model = store.get(model)
+    if not csf and not main_model.card.tight_labels:
+        raise ModelError(
+            f"Model '{main_model.card.id}' {main_model.card.version} gives one mask convention "
+            "only; the tight brain mask (--no-csf) needs a brain-extraction model whose card "
+            "lists 'tight_labels'."
+        )
     # A model trained on skull-stripped brains names the model that extracts the brain first.
     mask_model = main_model.card.preprocessing.get("mask")
     first_share = 0.45 if mask_model else 0.0
@@ -206,7 +223,7 @@ def segment(
     )
     check_cancel(cancel)
     provenance["models"].append(_model_provenance(output.card))
-    result = _assemble_result(image, output, mask, probabilities, uncertainty, provenance)
+    result = _assemble_result(image, output, mask, probabilities, uncertainty, provenance, csf)
     progress(1.0, "Segmentation finished")
     return result
 
@@ -309,6 +326,18 @@ def _postprocess_labels(class_index: np.ndarray, card: dict[str, Any]) -> np.nda
     return cleaned
 
 
+def tight_brain(labels: np.ndarray, tight_labels: list[int]) -> np.ndarray:
+    """The tight-brain label map: only `tight_labels`, their union's holes filled.
+
+    The brain label of a two-label brain-extraction model stops at the sulci and ventricles'
+    CSF, which lie inside the brain as `ch2bet`-style tight masks draw it: filled holes take the
+    first tight label.
+    """
+    tight = np.isin(labels, tight_labels)
+    filled = _fill_holes(tight)
+    return np.where(tight, labels, np.where(filled, tight_labels[0], 0)).astype(labels.dtype)
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         return mask
@@ -331,6 +360,7 @@ def _assemble_result(
     with_probabilities: bool,
     with_uncertainty: bool,
     provenance: dict[str, Any],
+    csf: bool = True,
 ) -> SegmentationResult:
     card = output.card
     class_index = np.argmax(output.probabilities, axis=0)
@@ -342,7 +372,11 @@ def _assemble_result(
     for channel, label in enumerate(label_info, start=1):
         if channel < len(values):
             values[channel] = label["value"]
-    labels = _like(values[class_index], image, sitk.sitkUInt8)
+    label_values = values[class_index]
+    if not csf:
+        label_values = tight_brain(label_values, card["tight_labels"])
+        provenance["mask"] = "tight (no CSF around the brain)"
+    labels = _like(label_values, image, sitk.sitkUInt8)
     probability_images = None
     if with_probabilities:
         probability_images = {

@@ -57,6 +57,7 @@ class Recipe:
     num_res_units: int = 1
     learning_rate: float = 2e-3
     postprocessing: list[str] = field(default_factory=list)
+    tight_labels: tuple[int, ...] = ()  # labels of the tight brain (the card's tight_labels)
     description: str = ""
 
     @property
@@ -98,6 +99,7 @@ RECIPES = {
             _label(2, "CSF around the brain", [0.35, 0.6, 0.95], "65216001", "Cerebrospinal fluid"),
         ],
         postprocessing=["largest_component", "fill_holes"],
+        tight_labels=(1,),
         description=(
             "Brain mask on whole-head or skull-stripped MRI: label 1 the brain (grey and white "
             "matter, ventricles), label 2 the CSF around it; the default mask is both labels, "
@@ -213,6 +215,8 @@ def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, An
         if state is not None:
             prior["iterations"] = int(state.get("cumulative_iterations", state["iteration"]))
             prior["minutes"] = float(state.get("cumulative_minutes", state["elapsed"] / 60.0))
+        elif (path.parent / "checkpoint.pt").exists():
+            prior.update(_training_behind_best(path.parent / "checkpoint.pt"))
     own = network.state_dict()
     missing = sorted(set(own) - set(weights))
     if missing:
@@ -221,6 +225,22 @@ def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, An
         own[key] = _widened(weights[key].to(target.dtype), target.shape, f"{source}: {key}")
     network.load_state_dict(own)
     return prior
+
+
+def _training_behind_best(checkpoint: Path) -> dict[str, Any]:
+    """Iterations and minutes behind a run's best.pt (bare weights): the run's own prior plus its
+    training up to the best iteration, read from the checkpoint beside it."""
+    state = torch.load(checkpoint, weights_only=True)["state"]
+    prior = state.get("prior") or {}
+    best = int(state.get("best_iteration") or state["iteration"])
+    minutes = next(
+        (entry["minutes"] for entry in state["history"] if entry["iteration"] == best),
+        state["elapsed"] / 60.0,
+    )
+    return {
+        "iterations": int(prior.get("iterations", 0)) + best,
+        "minutes": float(prior.get("minutes", 0.0)) + float(minutes),
+    }
 
 
 def _widened(value: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
@@ -521,6 +541,7 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
         },
         "postprocessing": list(recipe.postprocessing),
         "labels": recipe.labels,
+        **({"tight_labels": list(recipe.tight_labels)} if recipe.tight_labels else {}),
         "metrics": [],
         "training": {
             "data": data,
