@@ -34,8 +34,10 @@ class DeepMRISuperResolution(ScriptedLoadableModule):
 <p>Restores thin slices from a <b>thick-slice</b> MRI (for example 1 x 1 x 5 mm to 1 mm
 isotropic) on the same physical extent, so it can be reformatted in any plane or segmented.
 <b>ssl</b> trains a small network on the volume's own in-plane detail, degraded as the thick
-slices were acquired (in the spirit of SMORE): no downloaded weights, any contrast. <b>cubic</b>
-and <b>sinc</b> only interpolate, for comparison. The result is a new volume named
+slices were acquired (in the spirit of SMORE): no downloaded weights, any contrast.
+<b>pretrained</b> applies a small 3D network trained on MNI152 and the pydeface mean head made
+thick (no training on your volume; see its model card and Docs/superresolution.md for how good it
+is). <b>cubic</b> and <b>sinc</b> only interpolate, for comparison. The result is a new volume named
 "&lt;input&gt; super-resolved"; on request an uncertainty map (where the network's orthogonal
 passes disagree).</p>
 <p><b>Input:</b> one 3D volume with one axis coarser than the other two; optionally the spacing
@@ -64,7 +66,7 @@ class DeepMRISuperResolutionParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     spacing: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
-    method: Annotated[str, Choice(["ssl", "cubic", "sinc"])] = "ssl"
+    method: Annotated[str, Choice(["ssl", "pretrained", "cubic", "sinc"])] = "ssl"
     budget: Annotated[str, Choice(["quick", "standard", "best"])] = "quick"
     uncertainty: bool = False
     device: Annotated[str, Choice(list(DEVICES))] = "auto"

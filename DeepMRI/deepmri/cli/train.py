@@ -1,8 +1,9 @@
-"""`deepmri train segment|synthesize`: train the shipped models from synthetic data.
+"""`deepmri train segment|synthesize|superresolve`: train the shipped models.
 
 `segment` runs the recipe in deepmri.train.segment, `synthesize` the pix2pix recipe in
-deepmri.train.synthesize (simulated pairs, or a site's own with --source-dir/--target-dir); both
-are resumable and export the best weights with their model card.
+deepmri.train.synthesize (simulated pairs, or a site's own with --source-dir/--target-dir),
+`superresolve` the thick-to-thin recipe in deepmri.train.superresolve (MNI152 and the pydeface
+head made thick); all are resumable and export the best weights with their model card.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     segment.set_defaults(handler=_segment)
     _add_synthesize(tasks)
+    _add_superresolve(tasks)
     parser.set_defaults(handler=lambda arguments: parser.print_help() or 1)
 
 
@@ -140,4 +142,62 @@ def _synthesize(arguments: argparse.Namespace) -> int:
         target_dir=arguments.target_dir,
         command=shlex.join(["deepmri", *sys.argv[1:]]),
     )
+    return 0
+
+
+def _add_superresolve(tasks: argparse._SubParsersAction) -> None:
+    superresolve = tasks.add_parser(
+        "superresolve", help="thick-to-thin super-resolution (MNI152 and the pydeface head)"
+    )
+    superresolve.add_argument("--out", type=Path, required=True, help="run folder")
+    superresolve.add_argument(
+        "--iterations", type=int, default=1500, help="run length (the schedule follows it)"
+    )
+    superresolve.add_argument(
+        "--minutes", type=float, default=None, help="wall-clock limit (stops early)"
+    )
+    superresolve.add_argument("--seed", type=int, default=0)
+    superresolve.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    superresolve.add_argument(
+        "--resume", action="store_true", help="continue from OUT's checkpoint"
+    )
+    superresolve.add_argument("--width", type=int, default=16, help="network channels")
+    superresolve.add_argument("--depth", type=int, default=7, help="network layers")
+    superresolve.add_argument("--batch", type=int, default=4, help="patches per step")
+    superresolve.add_argument("--validation-patches", type=int, default=32)
+    superresolve.add_argument("--validate-every", type=int, default=100, help="iterations")
+    superresolve.add_argument(
+        "--cache", type=Path, default=None, help="where the pydeface head is cached (OUT/cache)"
+    )
+    superresolve.add_argument(
+        "--export", type=Path, help="write the best weights as a model folder"
+    )
+    superresolve.add_argument(
+        "--export-only", action="store_true", help="only export OUT's best weights to --export"
+    )
+    superresolve.set_defaults(handler=_superresolve)
+
+
+def _superresolve(arguments: argparse.Namespace) -> int:
+    from deepmri.train.superresolve import run_recipe
+
+    state = run_recipe(
+        arguments.out,
+        iterations=arguments.iterations,
+        minutes=arguments.minutes,
+        seed=arguments.seed,
+        threads=arguments.threads,
+        resume=arguments.resume,
+        width=arguments.width,
+        depth=arguments.depth,
+        batch_size=arguments.batch,
+        validation_patches=arguments.validation_patches,
+        validate_every=arguments.validate_every,
+        cache_dir=arguments.cache,
+        export_to=arguments.export,
+        export_only=arguments.export_only,
+        command=shlex.join(["deepmri", *sys.argv[1:]]),
+    )
+    if state:
+        print(f"trained {state['iteration']} iterations; best validation gain {state['best']}")
     return 0

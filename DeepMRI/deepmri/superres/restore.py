@@ -1,7 +1,8 @@
 """Thick-slice MRI to thin slices: the one entry point for every super-resolution method.
 
 `superresolve` finds the through-plane axis from the spacing, builds the output grid on the input's
-physical extent, and runs the chosen method: "ssl" (self-supervised per volume, no weights), or the
+physical extent, and runs the chosen method: "ssl" (self-supervised per volume, no weights),
+"pretrained" (the shipped 3D thick-to-thin network, `deepmri.train.superresolve`), or the
 interpolation baselines "cubic" (B-spline) and "sinc" (Hamming-windowed sinc).
 """
 
@@ -32,7 +33,12 @@ from deepmri.superres.grid import (
     thick_axis,
 )
 from deepmri.superres.profile import SliceProfile, apply_along, cubic_matrix
-from deepmri.superres.settings import METHODS, SSLSettings, settings_for_budget
+from deepmri.superres.settings import (
+    METHODS,
+    PRETRAINED_MODEL,
+    SSLSettings,
+    settings_for_budget,
+)
 from deepmri.superres.ssl import (
     PatchSampler,
     ResidualSRNet,
@@ -70,6 +76,7 @@ def superresolve(
     settings: SSLSettings | None = None,
     device: Any = None,
     uncertainty: bool = False,
+    model: str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelLike | None = None,
 ) -> SuperResolution:
@@ -81,7 +88,8 @@ def superresolve(
     `slice_thickness` / `slice_gap` (mm) describe the acquisition when slices were not
     contiguous; `profile` is the assumed slice profile ("gaussian" with FWHM = thickness, or
     "rect"). For "ssl", `budget` ("quick", "standard", "best" or seconds) sizes the training, or
-    `settings` fixes it exactly.
+    `settings` fixes it exactly. "pretrained" loads `model` (an id in the model store or a model
+    folder; default `PRETRAINED_MODEL`); its uncertainty is the spread over in-plane flips.
 
     Examples:
         >>> result = superresolve(thick_t1, factor=4, budget="quick")  # doctest: +SKIP
@@ -118,6 +126,11 @@ def superresolve(
         check_cancel(cancel)
         progress(0.1, f"Interpolating ({method}) onto {_grid_text(grid)}")
         restored = _clip(_interpolate(image, grid, axis, method), low, high)
+    elif method == "pretrained":
+        restored, spread, details = _pretrained(
+            image, axis, grid, slices, model, device, uncertainty, progress, cancel
+        )
+        info.update(details)
     else:
         settings = settings or settings_for_budget(budget)
         restored, spread, details = _self_supervised(
@@ -155,10 +168,7 @@ def _self_supervised(
     spacing = tuple(float(value) for value in image.GetSpacing()[::-1])
 
     # The network runs where the thick axis has the in-plane spacing: pixels as in training.
-    in_plane = [value for index, value in enumerate(image.GetSpacing()) if index != axis]
-    working_spacing = list(image.GetSpacing())
-    working_spacing[axis] = float(np.mean(in_plane))
-    working = output_grid(image, working_spacing)
+    working = _working_grid(image, axis)
     cubic = apply_along(volume, _thick_cubic_matrix(image, axis, working), thick)
 
     check_cancel(cancel)
@@ -218,6 +228,88 @@ def _self_supervised(
     return restored, spread_image, details
 
 
+def _working_grid(image: sitk.Image, axis: int) -> Grid:
+    """The input's extent with the thick axis at the mean in-plane spacing: where networks run."""
+    in_plane = [value for index, value in enumerate(image.GetSpacing()) if index != axis]
+    working_spacing = list(image.GetSpacing())
+    working_spacing[axis] = float(np.mean(in_plane))
+    return output_grid(image, working_spacing)
+
+
+def _pretrained(
+    image: sitk.Image,
+    axis: int,
+    grid: Grid,
+    slices: SliceProfile,
+    model: str | None,
+    device: Any,
+    uncertainty: bool,
+    progress: ProgressCallback,
+    cancel: CancelLike | None,
+) -> tuple[sitk.Image, sitk.Image | None, dict[str, Any]]:
+    """The pretrained 3D network on the cubic interpolation, thick axis first, in voxel units."""
+    import torch
+
+    from deepmri import engine
+    from deepmri.models.store import ModelStore
+    from deepmri.superres.net3d import apply_network, condition_channels
+
+    check_cancel(cancel)
+    torch_device = engine.select_device(device)
+    found = ModelStore().get(model or PRETRAINED_MODEL)
+    network = found.load_network(torch_device)
+    if torch_device.type == "cpu":
+        network = network.to(memory_format=torch.channels_last_3d)
+    low, high = _value_range(image)
+    array = sitk.GetArrayFromImage(image).astype(np.float32)  # a copy: the input stays as it is
+    offset, scale = _normalisation(array)
+    working = _working_grid(image, axis)
+    thick = 2 - axis  # array axes are (k, j, i)
+    cubic = apply_along((array - offset) / scale, _thick_cubic_matrix(image, axis, working), thick)
+    # Slice spacing, thickness and the first slice centre in working voxels (voxel v: v + 0.5).
+    step, new_step = image.GetSpacing()[axis], working.spacing[axis]
+    first = (image.GetSize()[axis] * step - working.size[axis] * new_step) / 2.0
+    channels = condition_channels(
+        working.size[axis],
+        step / new_step,
+        slices.thickness / new_step,
+        (step / 2 - first) / new_step,
+    )
+    progress(0.05, f"Applying the pretrained model '{found.card.id}' ({torch_device})")
+    flips = ((), (2,)) if uncertainty else ((),)
+    mean, spread = apply_network(
+        network,
+        np.moveaxis(cubic, thick, 0),
+        channels,
+        torch_device,
+        flips,
+        sub_progress(progress, 0.05, 0.95),
+        cancel,
+    )
+    mean, spread = np.moveaxis(mean, 0, thick), np.moveaxis(spread, 0, thick)
+    check_cancel(cancel)
+    restored = _clip(working.image(np.ascontiguousarray(mean) * scale + offset), low, high)
+    spread_image = working.image(np.ascontiguousarray(spread) * scale) if uncertainty else None
+    if working != grid:
+        restored = _clip(_interpolate(restored, grid, axis, "cubic"), low, high)
+        if spread_image is not None:
+            spread_image = resample_onto(spread_image, grid, "linear")
+    factors = found.card.training.get("recipe", {}).get("factors") or []
+    details: dict[str, Any] = {
+        "device": str(torch_device),
+        "model": found.card.id,
+        "model_version": found.card.version,
+        "passes": len(flips),
+        "slice_spacing_voxels": round(step / new_step, 4),
+    }
+    if factors and not min(factors) <= step / new_step <= max(factors):
+        details["warning"] = (
+            f"slices {step / new_step:.3g} in-plane voxels apart: the model was trained on "
+            f"{min(factors)} to {max(factors)}"
+        )
+    return restored, spread_image, details
+
+
 def _interpolate(image: sitk.Image, grid: Grid, axis: int, method: str) -> sitk.Image:
     """SimpleITK's interpolation onto `grid`, along the thick axis only where that is all."""
     source = Grid.of(image)
@@ -267,6 +359,7 @@ def _description(
     spacing_in = " x ".join(f"{value:g}" for value in image.GetSpacing())
     names = {
         "ssl": "self-supervised per-volume super-resolution (SMORE-like, no external training data)",
+        "pretrained": "pretrained 3D thick-to-thin network",
         "cubic": "cubic B-spline interpolation",
         "sinc": "windowed-sinc interpolation",
     }
@@ -278,4 +371,6 @@ def _description(
     )
     if method == "ssl":
         text += f"; {info['training_steps']} training steps on {info['device']}"
+    if method == "pretrained":
+        text += f" ('{info['model']}' {info['model_version']} on {info['device']})"
     return text

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-METHODS = ("ssl", "cubic", "sinc")
+METHODS = ("ssl", "pretrained", "cubic", "sinc")
+
+# The model the "pretrained" method loads from the model store (deepmri.train.superresolve makes it).
+PRETRAINED_MODEL = "thick-to-thin-3d"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepmri.superres.profile import PROFILE_SHAPES
-from deepmri.superres.settings import BUDGETS, METHODS
+from deepmri.superres.settings import BUDGETS, METHODS, PRETRAINED_MODEL
 from deepmri.tasks.base import (
     InputSpec,
     Kind,
@@ -39,14 +39,16 @@ def parse_budget(value: Any) -> str | float:
 
 
 class SuperResolveTask(Task):
-    """Thick slices to thin: self-supervised per volume ("ssl"), or cubic / sinc interpolation."""
+    """Thick slices to thin: self-supervised per volume ("ssl"), the pretrained 3D network
+    ("pretrained"), or cubic / sinc interpolation."""
 
     name = "superresolve"
     title = "Super-resolution"
     help = (
         "Restore thin slices from a thick-slice MRI (for example 1 x 1 x 4 mm to 1 mm isotropic) "
         "on the same physical extent. 'ssl' trains a small network on the volume's own in-plane "
-        "detail (no downloaded weights, any contrast); 'cubic' and 'sinc' interpolate"
+        "detail (no downloaded weights, any contrast); 'pretrained' applies the shipped 3D "
+        "thick-to-thin network (seconds to a minute, no training); 'cubic' and 'sinc' interpolate"
     )
     inputs = (InputSpec("image", Kind.VOLUME, "The thick-slice volume (one axis coarser)"),)
     options = (
@@ -60,7 +62,13 @@ class SuperResolveTask(Task):
         OptionSpec(
             "factor", float, None, "Divide the thick-axis spacing by this (instead of spacing)"
         ),
-        OptionSpec("method", str, "ssl", "ssl (self-supervised), cubic or sinc", choices=METHODS),
+        OptionSpec(
+            "method",
+            str,
+            "ssl",
+            "ssl (self-supervised), pretrained (3D network), cubic or sinc",
+            choices=METHODS,
+        ),
         OptionSpec(
             "budget",
             str,
@@ -82,13 +90,20 @@ class SuperResolveTask(Task):
             choices=PROFILE_SHAPES,
         ),
         OptionSpec("seed", int, 0, "Random seed of the per-volume training"),
+        OptionSpec(
+            "model",
+            str,
+            PRETRAINED_MODEL,
+            "For pretrained: a model id in the model store, or a model folder",
+        ),
     )
     outputs = (
         OutputSpec("superresolved", Kind.VOLUME, "the restored volume (float32)"),
         OutputSpec(
             "uncertainty",
             Kind.VOLUME,
-            "where the orthogonal passes disagree (their spread, in image units; ssl only)",
+            "where the passes disagree (spread over the orthogonal passes for ssl, over in-plane "
+            "flips for pretrained; image units)",
             optional=True,
         ),
     )
@@ -116,6 +131,7 @@ class SuperResolveTask(Task):
             settings=settings,
             device=context.config.resolve_device(),
             uncertainty=context.wants("uncertainty"),
+            model=options["model"],
             progress=context.progress,
             cancel=context.cancel,
         )

@@ -1,0 +1,138 @@
+"""The pretrained thick-to-thin 3D network: a small residual CNN on the cubic-upsampled volume.
+
+Arrays here are (thick, a, b): the through-plane axis first, in voxels of the working grid (the
+thick axis resampled to the in-plane spacing), so one network serves 1 mm and 0.5 mm inputs. Its
+input channels are the cubic-upsampled image and four known facts of the acquisition at each
+voxel: the slice spacing and the slice thickness (in working voxels, divided by
+`CONDITION_SCALE`) and the voxel's position between two slice centres (cosine and sine of its
+phase). The network predicts what cubic interpolation missed (a residual).
+
+Examples:
+    >>> net = ThickSliceNet3d(width=8, depth=4)
+    >>> channels = condition_channels(24, spacing=4.0, thickness=4.0, first_centre=1.5)
+    >>> channels.shape
+    (4, 24)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepmri.nets import register_architecture
+from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
+
+ARCHITECTURE = "deepmri.ThickSliceNet3d"
+CONDITION_SCALE = 6.0
+INPUT_CHANNELS = 5
+
+
+class ThickSliceNet3d(nn.Module):
+    """Conv-ReLU layers (3x3x3, two of them dilated 2x along the thick axis) and a residual.
+
+    A fully convolutional regressor this small has no MONAI counterpart (its networks are
+    encoder-decoders); `monai.networks.blocks.Convolution` would only wrap the same Conv3d.
+    Receptive field: 2 * depth + 5 voxels along the thick axis, 2 * depth + 1 across it.
+    """
+
+    def __init__(self, width: int = 16, depth: int = 7, in_channels: int = INPUT_CHANNELS) -> None:
+        super().__init__()
+        if depth < 4:
+            raise ValueError("ThickSliceNet3d needs at least 4 layers")
+        dilated = {depth // 2 - 1, depth // 2}
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for index in range(depth - 1):
+            step = 2 if index in dilated else 1
+            layers += [
+                nn.Conv3d(channels, width, 3, padding=(step, 1, 1), dilation=(step, 1, 1)),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        layers.append(nn.Conv3d(width, 1, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+        self.halo = depth + 2  # voxels of context each side a chunk needs (thick axis: +2)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs[:, :1] + self.body(inputs)
+
+
+register_architecture(ARCHITECTURE, ThickSliceNet3d)
+
+
+def condition_channels(
+    count: int, spacing: float, thickness: float, first_centre: float
+) -> np.ndarray:
+    """The four conditioning channels along the thick axis: (4, count), float32.
+
+    `spacing`, `thickness` and `first_centre` (a slice centre's position, with voxel v centred at
+    v + 0.5) are in working voxels.
+    """
+    position = np.arange(count) + 0.5
+    phase = 2.0 * math.pi * (position - first_centre) / spacing
+    return np.stack(
+        [
+            np.full(count, spacing / CONDITION_SCALE),
+            np.full(count, thickness / CONDITION_SCALE),
+            np.cos(phase),
+            np.sin(phase),
+        ]
+    ).astype(np.float32)
+
+
+def network_input(volume: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """(5, thick, a, b): the volume (thick axis first) and the conditioning broadcast over it."""
+    shape = volume.shape
+    condition = np.broadcast_to(channels[:, :, None, None], (channels.shape[0], *shape))
+    return np.concatenate([volume[None].astype(np.float32), condition], axis=0)
+
+
+def apply_network(
+    network: nn.Module,
+    volume: np.ndarray,
+    channels: np.ndarray,
+    device: torch.device,
+    flips: Sequence[tuple[int, ...]] = ((),),
+    progress: ProgressCallback = no_progress,
+    cancel: CancelLike | None = None,
+    chunk_voxels: int = 1_500_000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the network over `volume` (thick axis first) in slabs along the last axis.
+
+    The network should be in channels-last 3D layout on a CPU (a third faster there; see
+    `deepmri.superres.restore`). Each slab carries `network.halo` voxels of context either side, so the result does not depend
+    on the slab size. `flips` are sets of in-plane array axes (1, 2) flipped for a pass; the
+    result is the mean over the passes and their spread (standard deviation; zero for one).
+    """
+    halo = int(getattr(network, "halo", 9))
+    thick, rows, cols = volume.shape
+    width = max(1, min(cols, chunk_voxels // max(1, thick * rows)))
+    mean = np.zeros(volume.shape, dtype=np.float64)
+    square = np.zeros_like(mean)
+    passes = list(flips) or [()]
+    work = len(passes) * math.ceil(cols / width)
+    done = 0
+    for flip in passes:
+        source = np.flip(volume, axis=flip) if flip else volume
+        output = np.empty(volume.shape, dtype=np.float32)
+        for first in range(0, cols, width):
+            check_cancel(cancel)
+            last = min(cols, first + width)
+            low, high = max(0, first - halo), min(cols, last + halo)
+            part = network_input(np.ascontiguousarray(source[:, :, low:high]), channels)
+            with torch.no_grad():
+                tensor = torch.from_numpy(part)[None].to(device)
+                result = network(tensor.to(memory_format=torch.channels_last_3d))
+            output[:, :, first:last] = result[0, 0, :, :, first - low : last - low].cpu().numpy()
+            done += 1
+            progress(done / work, f"Applying the pretrained network: part {done}/{work}")
+        restored = np.flip(output, axis=flip) if flip else output
+        mean += restored
+        square += restored.astype(np.float64) ** 2
+    mean /= len(passes)
+    spread = np.sqrt(np.maximum(square / len(passes) - mean**2, 0.0))
+    return mean.astype(np.float32), spread.astype(np.float32)

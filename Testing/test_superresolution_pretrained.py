@@ -1,0 +1,182 @@
+"""The pretrained thick-to-thin model: its training recipe at tiny size, and the task's method."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_oblique_image
+from deepmri.errors import ModelError
+from deepmri.models import Model
+from deepmri.superres import superresolve
+from deepmri.superres.net3d import ThickSliceNet3d, apply_network, condition_channels
+from deepmri.superres.profile import simulate_thick_slices
+from deepmri.tasks import RunContext, get_task
+from deepmri.train import superresolve as recipe_module
+from deepmri.train.superresolve import SuperResolveRecipe, TrainingVolume, export, train
+
+TINY = SuperResolveRecipe(
+    width=4,
+    depth=4,
+    patch=(24, 16, 16),
+    batch=2,
+    iterations=4,
+    validate_every=2,
+    validation_patches=4,
+    factors=(4,),
+)
+
+
+def tiny_volumes() -> list[TrainingVolume]:
+    """A smooth random blob volume: enough for the recipe's code paths, not for learning."""
+    rng = np.random.default_rng(0)
+    noise = sitk.GetImageFromArray(rng.normal(size=(48, 48, 48)).astype(np.float32))
+    blobs = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, 2.0))
+    return [TrainingVolume.of("blobs", np.clip(blobs * 40 + 1, 0, None))]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """Four training steps of a tiny network, exported as a model folder."""
+    out = tmp_path_factory.mktemp("run")
+    train(TINY, out, tiny_volumes(), log=lambda message: None)
+    (out / "training.json").write_text(
+        json.dumps({**json.loads((out / "training.json").read_text()), "command": "test"})
+    )
+    return export(TINY, out, out / "model", command="test"), out
+
+
+def thick_oblique(spacing=(0.9, 1.1, 4.0), size=(40, 36, 12)) -> sitk.Image:
+    return make_oblique_image(size=size, spacing=spacing, seed=3)
+
+
+def corners(image: sitk.Image) -> np.ndarray:
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing())
+    first = np.asarray(image.GetOrigin()) - direction @ (spacing / 2)
+    return np.stack([first, first + direction @ (np.asarray(image.GetSize()) * spacing)])
+
+
+def test_recipe_trains_logs_validates_resumes_and_exports_a_valid_small_card(tiny_model):
+    folder, out = tiny_model
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [record["iteration"] for record in records] == [2, 4]
+    assert all(record["iterations_per_minute"] > 0 for record in records)
+    assert {"net_4x", "cubic_4x", "net_6x", "cubic_6x", "gain_min"} <= set(records[0])
+    model = Model(folder)
+    model.verify()
+    assert model.card.task == "super-resolution"
+    assert model.card.weights["dtype"] == "float16"
+    assert model.weights_path.stat().st_size < 1_000_000
+    assert model.card.training["command"] == "test"
+    assert "Colin27" in model.card.training["data"]  # says it was never trained on it
+    network = model.load_network()
+    assert isinstance(network, ThickSliceNet3d)
+    # Resume continues at the saved iteration to the new end, with the same validation set.
+    longer = SuperResolveRecipe(**{**TINY.__dict__, "iterations": 6})
+    state = train(longer, out, tiny_volumes(), resume=True, log=lambda message: None)
+    assert state["iteration"] == 6
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [2, 4, 6]
+
+
+def test_training_pairs_are_the_forward_model_then_cubic():
+    """A patch's input is its truth acquired thick (profile, factor) and cubic-interpolated back:
+    flat truth stays flat, and the conditioning channels say the spacing and slice phase."""
+    flat = np.zeros((112, 112, 112), dtype=np.float32)
+    flat[2:-2, 2:-2, 2:-2] = 1.0
+    volume = TrainingVolume.of("flat", flat)
+    volume.centres = np.array([[56, 56, 56]])
+    rng = np.random.default_rng(1)
+    acquisition = recipe_module.Acquisition(4.0, 3.0, "rect", 0.25, 0.0)
+    inputs, truth = recipe_module.sample_patch(volume, TINY, rng, acquisition, augment=False)
+    assert inputs.shape == (5, 24, 16, 16) and truth.shape == (24, 16, 16)
+    np.testing.assert_allclose(inputs[0], truth, atol=1e-4)
+    np.testing.assert_allclose(inputs[1], 4.0 / 6.0)
+    np.testing.assert_allclose(inputs[2], 3.0 / 6.0)
+    phase = np.arctan2(inputs[4, :, 0, 0], inputs[3, :, 0, 0])
+    steps = np.diff(np.unwrap(phase))
+    np.testing.assert_allclose(steps, 2 * np.pi / 4.0, atol=1e-5)
+
+
+def test_slabs_do_not_change_the_result():
+    network = ThickSliceNet3d(width=4, depth=4).eval()
+    volume = np.random.default_rng(2).normal(size=(20, 14, 30)).astype(np.float32)
+    channels = condition_channels(20, 4.0, 4.0, 1.5)
+    whole, _ = apply_network(network, volume, channels, "cpu", chunk_voxels=10**9)
+    slabs, _ = apply_network(network, volume, channels, "cpu", chunk_voxels=20 * 14 * 3)
+    np.testing.assert_allclose(slabs, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "size", "asked", "expected"),
+    [
+        ((0.9, 1.1, 4.0), (40, 36, 12), (0.9, 1.1, 1.0), (40, 36, 48)),
+        ((0.9, 1.1, 4.0), (40, 36, 12), (0.9, 1.1, 1.3), (40, 36, 37)),
+        ((3.0, 1.0, 1.0), (10, 32, 28), None, (30, 32, 28)),
+    ],
+)
+def test_pretrained_method_keeps_geometry_exactly_on_oblique_input(
+    tiny_model, spacing, size, asked, expected
+):
+    image = thick_oblique(spacing, size)
+    before = sitk.GetArrayFromImage(image).copy()
+    result = superresolve(
+        image, spacing=asked, method="pretrained", model=str(tiny_model[0]), uncertainty=True
+    )
+    output = result.image
+    assert output.GetSize() == expected
+    assert output.GetDirection() == image.GetDirection()
+    if asked is not None:
+        assert output.GetSpacing() == asked
+    centre = corners(output).mean(axis=0)
+    np.testing.assert_allclose(centre, corners(image).mean(axis=0), atol=1e-9)
+    if expected[2] * output.GetSpacing()[2] == size[2] * spacing[2]:
+        np.testing.assert_allclose(corners(output), corners(image), atol=1e-9)
+    assert output.GetPixelID() == sitk.sitkFloat32
+    assert result.uncertainty.GetSize() == expected
+    values = sitk.GetArrayFromImage(output)
+    assert values.min() >= before.min() - 1e-4 and values.max() <= before.max() + 1e-4
+    assert np.array_equal(sitk.GetArrayViewFromImage(image), before)
+    assert result.info["model"] == "thick-to-thin-3d" and result.info["passes"] == 2
+
+
+def test_task_runs_the_pretrained_method_with_its_uncertainty(tiny_model):
+    task = get_task("superresolve")
+    context = RunContext(wanted=frozenset({"uncertainty"}))
+    options = {"method": "pretrained", "factor": 2, "model": str(tiny_model[0])}
+    result = task({"image": thick_oblique()}, options, context)
+    assert set(result.images) == {"superresolved", "uncertainty"}
+    assert result.images["superresolved"].GetSize() == (40, 36, 24)
+    assert "pretrained 3D thick-to-thin network" in result.info["description"]
+
+
+def test_a_missing_model_is_named_with_how_to_add_it():
+    with pytest.raises(ModelError, match="No model 'no-such-model' is installed"):
+        superresolve(thick_oblique(), method="pretrained", model="no-such-model")
+
+
+def test_pretrained_output_is_the_cubic_interpolation_plus_the_networks_residual(tiny_model):
+    """With the residual branch zeroed the method must reproduce the task's cubic B-spline
+    (same normalisation, same slice positions): the network only adds to it."""
+    image = simulate_thick_slices(
+        sitk.Cast(make_oblique_image(size=(16, 12, 96), spacing=(1, 1, 1)), sitk.sitkFloat32), 4.0
+    )
+    model = Model(tiny_model[0])
+    network = model.load_network()
+    last = network.body[-1]
+    last.weight.data.zero_()
+    last.bias.data.zero_()
+    from deepmri.models.model import save_model
+
+    zero = save_model(network, model.card, tiny_model[1] / "zero").path
+    restored = sitk.GetArrayFromImage(
+        superresolve(image, factor=4, method="pretrained", model=str(zero)).image
+    )
+    cubic = sitk.GetArrayFromImage(superresolve(image, factor=4, method="cubic").image)
+    # The ends follow each implementation's own boundary rule (scipy's reflect, SimpleITK's
+    # mirror), whose effect on the spline coefficients decays by 0.27 per slice inwards.
+    inner = slice(24, -24)
+    np.testing.assert_allclose(restored[inner], cubic[inner], atol=1e-3 * np.ptp(cubic))
