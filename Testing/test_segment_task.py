@@ -435,3 +435,13 @@ def test_the_cli_passes_no_csf_to_the_task(tmp_path, unet_model_path):
     assert done.returncode != 0
     assert "one mask convention" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "labels.nii.gz").exists()
+
+
+def test_skull_stripped_input_takes_its_non_zero_voxels_as_the_brain(store):
+    image = shell_image()  # zero outside a ball of radius 16 voxels
+    result = segment(image, "test-tissue", skull_stripped=True, store=store)
+    labels = sitk.GetArrayFromImage(result.labels)
+    inside = sitk.GetArrayFromImage(image) > 0
+    assert [model["id"] for model in result.provenance["models"]] == ["test-tissue"]
+    assert "non-zero" in result.provenance["brain"]
+    assert not labels[~inside].any() and labels[inside].any()

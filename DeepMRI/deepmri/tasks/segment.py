@@ -55,7 +55,7 @@ class SegmentTask(Task):
         >>> from deepmri.tasks import get_task
         >>> task = get_task("segment")
         >>> [option.name for option in task.options]
-        ['model', 'csf']
+        ['model', 'csf', 'skull_stripped']
         >>> result = task({"image": image}, {"model": "brain-extraction"})  # doctest: +SKIP
         >>> result.measures  # doctest: +SKIP
         {'Brain (mL)': 1510.2}
@@ -73,6 +73,13 @@ class SegmentTask(Task):
             True,
             "brain mask with the CSF around the brain (the default, as SynthStrip and deepbet "
             "give it); --no-csf: the tight brain (brain-extraction models with two labels)",
+        ),
+        OptionSpec(
+            "skull_stripped",
+            bool,
+            False,
+            "the input is brain-only: its non-zero voxels are the brain (tissue models skip "
+            "brain extraction)",
         ),
     )
     outputs = (
@@ -94,6 +101,7 @@ class SegmentTask(Task):
             inputs["image"],
             options["model"],
             csf=options["csf"],
+            skull_stripped=options["skull_stripped"],
             config=context.config,
             probabilities=context.wants("probability"),
             uncertainty=context.wants("uncertainty"),
@@ -147,6 +155,7 @@ def segment(
     precision: str | None = None,
     config: RunConfig | None = None,
     csf: bool = True,
+    skull_stripped: bool = False,
     probabilities: bool = False,
     uncertainty: bool = False,
     progress: ProgressCallback | None = None,
@@ -159,7 +168,8 @@ def segment(
     and skull-stripped scans both work. `config` (device, precision, threads) is how the front
     doors pass the user's choice; `device`/`precision` are shorthands on top of it. `csf=False`
     gives the tight brain mask (no CSF around the brain) of a model whose card lists
-    `tight_labels`; other models raise ModelError before any work.
+    `tight_labels`; other models raise ModelError before any work. `skull_stripped=True` takes
+    the input's non-zero voxels as the brain where the model would extract it first.
 
     Examples:
         >>> from deepmri.data import load_mni152
@@ -195,8 +205,13 @@ def segment(
         )
     # A model trained on skull-stripped brains names the model that extracts the brain first.
     mask_model = main_model.card.preprocessing.get("mask")
-    first_share = 0.45 if mask_model else 0.0
-    if mask_model:
+    first_share = 0.45 if mask_model and not skull_stripped else 0.0
+    if mask_model and skull_stripped:
+        mask = sitk.GetArrayFromImage(working) > 0
+        if not mask.any():
+            raise InvalidImageError("The skull-stripped input has no non-zero voxel.")
+        provenance["brain"] = "the input's non-zero voxels (skull_stripped)"
+    elif mask_model:
         brain = _run_model(
             working,
             store.get(mask_model),
