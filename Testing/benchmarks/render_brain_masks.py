@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deepmri.tasks.segment import BRAIN_EXTRACTION, segment  # noqa: E402
-from eval_segmentation import _filled, array, brain_cases  # noqa: E402
+from deepmri.models import ModelStore  # noqa: E402
+from deepmri.tasks.segment import BRAIN_EXTRACTION, segment, tight_brain  # noqa: E402
+from eval_segmentation import array, brain_cases  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     output = Path(argv[0] if argv else "brain-extraction-colin27.png")
     model = argv[1] if len(argv) > 1 else BRAIN_EXTRACTION
+    tight_labels = ModelStore().get(model).card.tight_labels
     cases = {k: v for k, v in brain_cases().items() if k != "colin27_moved"}
     figure, axes = plt.subplots(len(cases), 4, figsize=(16, 4.2 * len(cases)))
     for row, (name, (image, reference)) in enumerate(cases.items()):
@@ -58,8 +60,9 @@ def main(argv: list[str]) -> int:
             axis.imshow(cut(values), cmap="gray", origin="lower", aspect=aspect)
             axis.contour(cut(reference), levels=[0.5], colors="yellow", linewidths=0.8)
             axis.contour(cut(labels > 0), levels=[0.5], colors="red", linewidths=0.8)
-            if labels.max() >= 2:
-                axis.contour(cut(_filled(labels == 1)), levels=[0.5], colors="lime", linewidths=0.6)
+            if tight_labels:
+                tight = tight_brain(labels, tight_labels) > 0
+                axis.contour(cut(tight), levels=[0.5], colors="lime", linewidths=0.6)
             axis.set_title(f"{name}: {title}" + (f", gap {gap:.0f} mm" if column == 3 else ""))
             axis.axis("off")
     figure.suptitle(f"{model}: ch2bet (yellow), default mask (red), tight --no-csf brain (green)")
