@@ -164,3 +164,28 @@ def test_command_line_runs_the_task_and_names_the_file_synthetic(store, brain_li
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "synthetic.nii.gz").exists()
+
+
+def test_card_that_averages_flips_gives_one_image_with_or_without_uncertainty(tmp_path, brain_like):
+    torch.manual_seed(1)
+    config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [4, 8]}
+    config["strides"] = [2]
+    network = UNet(**config)
+    for averaged in (False, True):
+        card = inverter_card(f"unet-{str(averaged).lower()}")
+        card["architecture"] = {"name": "monai.UNet", "config": config}
+        card["inference"]["average_flips"] = averaged
+        save_model(network, card, tmp_path / f"unet-{str(averaged).lower()}")
+    store = ModelStore(Settings(home=tmp_path / "home"), extra_paths=(tmp_path,))
+
+    def run(model, uncertainty):
+        result = synthesize(
+            brain_like, "T2w", model, skull_stripped=True, uncertainty=uncertainty, store=store
+        )
+        assert (result.uncertainty is not None) == uncertainty
+        return sitk.GetArrayFromImage(result.image)
+
+    plain, with_map = run("unet-false", False), run("unet-false", True)
+    assert not np.allclose(plain, with_map)  # the flips change the image: the test can fail
+    np.testing.assert_allclose(run("unet-true", False), with_map, atol=1e-5)
+    np.testing.assert_allclose(run("unet-true", True), with_map, atol=1e-5)

@@ -52,7 +52,8 @@ def test_tiny_training_run_keeps_best_weights_and_writes_a_valid_synthesis_card(
     state = train(recipe, tmp_path / "run", log=lambda line: None)
     assert state["iteration"] >= 1 and state["best"] is not None
     # The checkpoint (optimiser state after the learning-rate decay) loads with weights_only.
-    recipe.minutes = 0.1
+    # A budget past the one already spent (on a loaded machine one iteration can take seconds).
+    recipe.minutes = state["minutes"] + 0.05
     resumed = train(recipe, tmp_path / "run", log=lambda line: None, resume=True)
     assert resumed["iteration"] > state["iteration"]
     history = json.loads((tmp_path / "run" / "training.json").read_text())["history"]
@@ -103,3 +104,53 @@ def test_the_recipe_is_a_deepmri_train_sub_command(tmp_path, capsys):
     assert main(["train", "synthesize", "--out", str(tmp_path), "--source-dir", str(tmp_path)]) == 2
     assert "--source-dir and --target-dir go together" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any run folder was made
+
+
+def test_warm_start_from_a_run_or_a_model_folder_and_selection_by_psnr(tmp_path):
+    torch.set_num_threads(1)
+    tiny = {
+        "grid_shape": SMALL.shape,
+        "spacing": SMALL.spacing,
+        "patch": (32, 32, 32),
+        "channels": (4, 8),
+        "strides": (2,),
+        "validate_every": 1,
+        "validation_subjects": 1,
+        "cosine_after": None,
+    }
+    first = SynthesisRecipe(minutes=0.03, **tiny)
+    state = train(first, tmp_path / "a", log=lambda line: None)
+    start = load_generator(first, tmp_path / "a" / "best_generator.pt").state_dict()
+    save_model(
+        load_generator(first, tmp_path / "a" / "best_generator.pt"),
+        card_for(first, state, "t"),
+        tmp_path / "m",
+    )
+    for source in (tmp_path / "a" / "best_generator.pt", tmp_path / "m"):
+        # Learning rate 0: the kept weights are exactly the ones started from.
+        recipe = SynthesisRecipe(
+            minutes=0.03,
+            learning_rate=0.0,
+            mse_weight=1.0,
+            select="psnr",
+            init_from=str(source),
+            target="FLAIR",
+            **tiny,
+        )
+        out = tmp_path / f"b-{source.name}"
+        state = train(recipe, out, log=lambda line: None)
+        kept = load_generator(recipe, out / "best_generator.pt").state_dict()
+        tolerance = 0.0 if source.suffix == ".pt" else 1e-3  # the model folder is fp16
+        assert all(
+            torch.allclose(kept[key], start[key], atol=tolerance, rtol=tolerance) for key in start
+        )
+        history = state["history"]
+        assert state["best"]["validation_psnr"] == max(e["validation_psnr"] for e in history)
+
+
+def test_warm_start_from_a_missing_file_is_one_error_before_any_run(tmp_path):
+    from deepmri.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "synthesize", "--out", str(out), "--init-from", str(tmp_path / "x.pt")])
+    assert code == 2 and not out.exists()

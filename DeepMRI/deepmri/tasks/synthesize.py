@@ -180,7 +180,10 @@ def _run_model(image, model, device, precision, mask, with_uncertainty, progress
     model_grid, trace = steps(image)
     check_cancel(cancel)
     network = model.load_network(device=device)
-    flips = card.inference.get("flips", []) if with_uncertainty else []
+    # "average_flips": the synthetic image is always the mean over the card's test-time flips
+    # (the same image with or without the uncertainty map); otherwise flips run only for the map.
+    averaged = bool(card.inference.get("average_flips"))
+    flips = card.inference.get("flips", []) if (with_uncertainty or averaged) else []
     tensor = torch.from_numpy(sitk.GetArrayFromImage(model_grid))[None, None]
     result = engine.infer(
         network,
@@ -196,7 +199,7 @@ def _run_model(image, model, device, precision, mask, with_uncertainty, progress
     check_cancel(cancel)
     progress(0.92, "Resampling the result to the input grid")
     channels = [result.prediction[0, 0].float().numpy()]
-    if result.uncertainty is not None:
+    if result.uncertainty is not None and with_uncertainty:
         channels.append(result.uncertainty[0, 0].float().numpy())
     back = []
     for channel in channels:

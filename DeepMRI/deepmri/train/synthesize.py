@@ -52,6 +52,12 @@ class SynthesisRecipe:
     seed: int = 0
     validation_subjects: int = 4
     validate_every: int = 50
+    mse_weight: float = 0.0  # loss = L1 + mse_weight x MSE (PSNR is a squared-error measure)
+    select: str = "mae"  # the validation figure that picks the kept weights: "mae" or "psnr"
+    init_from: str | None = None  # generator weights to start from (a warm start)
+    # Loss over brain voxels only: the task sets the outside to 0 anyway, and a loss that also
+    # asks for 0 just outside makes the network darken the (CSF-bright on T2w) brain border.
+    loss_inside_brain: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -183,6 +189,24 @@ def brain_mae(prediction: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> f
     return float(np.abs(prediction[brain] - truth[brain]).mean())
 
 
+def brain_psnr(prediction: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> float:
+    """PSNR inside the brain, the peak being the truth's maximum there (as the evaluation)."""
+    error = float(np.mean((prediction[brain] - truth[brain]) ** 2))
+    return float(10.0 * np.log10(float(truth[brain].max()) ** 2 / max(error, 1e-12)))
+
+
+def load_generator_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Generator weights from a run's `.pt` state dict or a model folder / `.safetensors` file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "weights.safetensors"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {key: value.float() for key, value in load_file(str(path)).items()}
+    return torch.load(path, weights_only=True)
+
+
 def predict(
     generator: torch.nn.Module, image: np.ndarray, patch=(64, 64, 64), flips=()
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -211,6 +235,9 @@ def train(
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     generator, discriminator = build_networks(recipe)
+    if recipe.init_from and not (resume and (out / "checkpoint.pt").exists()):
+        # Warm start (same architecture), e.g. T1w -> FLAIR from the T1w -> T2w generator.
+        generator.load_state_dict(load_generator_weights(Path(recipe.init_from)))
     opt_g = torch.optim.Adam(generator.parameters(), recipe.learning_rate, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), recipe.learning_rate, betas=(0.5, 0.999))
     grid = recipe.grid
@@ -241,7 +268,8 @@ def train(
                 pair = pairs.pair(iteration // PATCHES_PER_SUBJECT)
             else:
                 pair = make_pair(seed, recipe.source, recipe.target, grid)
-        source, target = _random_patch(pair[:2], recipe.patch, rng)
+        arrays = [pair[0], pair[1], pair[2].brain.astype(np.float32)]
+        source, target, inside = _random_patch(arrays, recipe.patch, rng)
         elapsed = (time.monotonic() - started) / budget
         adversarial = recipe.adversarial_weight if elapsed > recipe.warmup_fraction else 0.0
         if recipe.cosine_after is not None and elapsed > recipe.cosine_after:
@@ -253,8 +281,12 @@ def train(
                 for group in optimiser.param_groups:
                     group["lr"] = rate
         fake = generator(source)
-        loss_l1 = torch.nn.functional.l1_loss(fake, target)
+        weight = inside if recipe.loss_inside_brain else torch.ones_like(inside)
+        count = weight.sum().clamp(min=1.0)
+        loss_l1 = ((fake - target).abs() * weight).sum() / count
         loss = loss_l1
+        if recipe.mse_weight > 0:
+            loss = loss + recipe.mse_weight * (((fake - target) ** 2) * weight).sum() / count
         if adversarial > 0:
             score = discriminator(torch.cat([source, fake], 1))[-1]
             loss = loss + adversarial * ((score - 1.0) ** 2).mean()
@@ -271,10 +303,11 @@ def train(
         state["iteration"] = iteration + 1
         if state["iteration"] % recipe.validate_every == 0:
             generator.eval()
-            maes = [
-                brain_mae(predict(generator, x, recipe.patch)[0], y, s.brain)
-                for x, y, s in validation
-            ]
+            maes, psnrs = [], []
+            for x, y, s in validation:
+                prediction = predict(generator, x, recipe.patch)[0]
+                maes.append(brain_mae(prediction, y, s.brain))
+                psnrs.append(brain_psnr(prediction, y, s.brain))
             generator.train()
             mae = float(np.mean(maes))
             state["minutes"] = (time.monotonic() - started) / 60.0
@@ -283,11 +316,12 @@ def train(
                 "minutes": round(state["minutes"], 2),
                 "l1": round(loss_l1.item(), 4),
                 "validation_mae": round(mae, 4),
+                "validation_psnr": round(float(np.mean(psnrs)), 3),
                 "adversarial": adversarial > 0,
             }
             state["history"].append(entry)
             log(json.dumps(entry))
-            if state["best"] is None or mae < state["best"]["validation_mae"]:
+            if state["best"] is None or _better(entry, state["best"], recipe.select):
                 state["best"] = entry
                 torch.save(generator.state_dict(), out / "best_generator.pt")
             torch.save(
@@ -305,6 +339,12 @@ def train(
         json.dumps({"recipe": asdict(recipe), **state}, indent=1), encoding="utf-8"
     )
     return state
+
+
+def _better(entry: dict[str, Any], best: dict[str, Any], select: str) -> bool:
+    if select == "psnr":
+        return entry["validation_psnr"] > best.get("validation_psnr", -math.inf)
+    return entry["validation_mae"] < best["validation_mae"]
 
 
 def load_generator(recipe: SynthesisRecipe, path: Path) -> torch.nn.Module:
@@ -342,6 +382,7 @@ def card_for(recipe: SynthesisRecipe, state: dict[str, Any], command: str) -> di
             "patch_size": list(recipe.patch),
             "overlap": 0.5,
             "flips": [[4]],
+            "average_flips": True,
         },
         "labels": [],
         "metrics": [],
@@ -361,7 +402,8 @@ def card_for(recipe: SynthesisRecipe, state: dict[str, Any], command: str) -> di
             "best": state["best"],
             "validation_set": (
                 f"{recipe.validation_subjects} simulated subjects, seeds {VALIDATION_SEEDS}+i "
-                "(never trained on); the weights are those of the best validation MAE"
+                "(never trained on); the weights are those of the best validation "
+                f"{recipe.select.upper()}"
             ),
         },
         "license": (
@@ -392,6 +434,11 @@ def run_recipe(
     resume: bool = False,
     adversarial_weight: float = 0.01,
     cosine_after: float = 0.5,
+    learning_rate: float = 1e-3,
+    mse_weight: float = 0.0,
+    select: str = "mae",
+    init_from: Path | None = None,
+    loss_inside_brain: bool = False,
     export: Path | None = None,
     source_dir: Path | None = None,
     target_dir: Path | None = None,
@@ -409,7 +456,14 @@ def run_recipe(
         seed=seed,
         cosine_after=cosine_after,
         adversarial_weight=adversarial_weight,
+        learning_rate=learning_rate,
+        mse_weight=mse_weight,
+        select=select,
+        init_from=str(init_from) if init_from else None,
+        loss_inside_brain=loss_inside_brain,
     )
+    if init_from and not Path(init_from).exists():
+        raise DeepMRIError(f"--init-from {init_from}: no such file or model folder.")
     pairs = None
     if source_dir or target_dir:
         if not (source_dir and target_dir):
