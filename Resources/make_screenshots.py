@@ -6,6 +6,10 @@ DeepMRILib makes; run it in its own environment, because trame-slicer pins its o
     python -m venv /tmp/trame && /tmp/trame/bin/pip install "trame-slicer[standalone]" SimpleITK
     PYTHONPATH=DeepMRI /tmp/trame/bin/python Resources/make_screenshots.py \
         --input scan.nii.gz --labels labels.nii.gz --card card.json -o Docs/images/segmentation.png
+
+With `--planes`, one row per input (repeat --input/--labels; optional --reference masks drawn as
+a yellow outline): the mid-sagittal, coronal and axial slices through the brain's centre and the
+lowest axial slice of the reference that holds brain, where a cut-off lower edge shows.
 """
 
 from __future__ import annotations
@@ -79,16 +83,111 @@ def render(input_path: Path, labels_path: Path, card_path: Path, output: Path) -
     return output
 
 
+def _ras_centre_and_lowest(mask_path: Path) -> tuple[np.ndarray, float]:
+    """RAS centre of a mask's voxels and the RAS z of its lowest axial slice (LPS from ITK)."""
+    mask = sitk.ReadImage(str(mask_path))
+    indices = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]  # (i, j, k)
+    points = np.array([mask.TransformIndexToPhysicalPoint(i.tolist()) for i in indices[::97]])
+    lowest = min(
+        mask.TransformIndexToPhysicalPoint(i.tolist())[2]
+        for i in indices[indices[:, 2] == indices[:, 2].min()][:1]
+    )
+    centre = points.mean(axis=0) * np.array([-1.0, -1.0, 1.0])
+    return centre, float(lowest)
+
+
+def render_planes(
+    inputs: list[Path],
+    labels: list[Path],
+    card_path: Path,
+    output: Path,
+    references: list[Path] | None = None,
+    titles: list[str] | None = None,
+) -> Path:
+    """Rows of four slice views (mid-sagittal, coronal, axial, lowest axial) per input."""
+    from DeepMRILib import mrml
+    from make_task_screenshots import _captioned
+
+    app = SlicerApp()
+    app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+    views = {
+        "sagittal": app.view_manager.create_view(ViewLayoutDefinition.sagittal_view()),
+        "coronal": app.view_manager.create_view(ViewLayoutDefinition.coronal_view()),
+        "axial": app.view_manager.create_view(ViewLayoutDefinition.axial_view()),
+    }
+    for view in views.values():
+        view.render_window().SetSize(VIEW_SIZE, VIEW_SIZE)
+    card = json.loads(card_path.read_text())
+    rows = []
+    shown = []
+    for row, (input_path, labels_path) in enumerate(zip(inputs, labels, strict=True)):
+        for node in shown:
+            node.GetDisplayNode().SetVisibility(False)
+        volume = app.io_manager.load_volumes([str(input_path)])[0]
+        segmentation = mrml.segmentation_node_from_labels(
+            sitk.ReadImage(str(labels_path)), card["labels"], app.scene, f"labels {row}",
+            reference_node=volume,
+        )  # fmt: skip
+        segmentation.GetDisplayNode().SetOpacity2DFill(0.35)
+        shown = [segmentation]
+        reference_path = references[row] if references else labels_path
+        if references:
+            outline = mrml.segmentation_node_from_labels(
+                sitk.ReadImage(str(reference_path)) > 0,
+                [{"value": 1, "name": "reference", "color": [1.0, 0.9, 0.1]}],
+                app.scene, f"reference {row}", reference_node=volume,
+            )  # fmt: skip
+            outline.GetDisplayNode().SetOpacity2DFill(0.0)
+            outline.GetDisplayNode().SetSliceIntersectionThickness(2)
+            shown.append(outline)
+        app.display_manager.show_volume_in_slice_background(volume)
+        app.display_manager.reset_views()
+        centre, lowest = _ras_centre_and_lowest(reference_path)
+        name = titles[row] if titles else input_path.name
+        planes = [
+            ("sagittal", 0.0 if abs(centre[0]) < 10 else centre[0], f"{name}: mid-sagittal"),
+            ("coronal", centre[1], f"{name}: coronal"),
+            ("axial", centre[2], f"{name}: axial"),
+            ("axial", lowest + 1.0, f"{name}: lowest brain slice (z = {lowest:.0f} mm)"),
+        ]
+        captures = []
+        for orientation, offset, title in planes:
+            view = views[orientation]
+            view.set_slice_value(float(offset))
+            _capture(view)  # the first render after new nodes can miss the background layer
+            captures.append(_captioned(_capture(view), title))
+        rows.append(captures)
+    width = 4 * (VIEW_SIZE + 8) - 8
+    canvas = Image.new("RGB", (width, len(rows) * (VIEW_SIZE + 8) - 8), (32, 32, 32))
+    for row, captures in enumerate(rows):
+        for column, image in enumerate(captures):
+            canvas.paste(image, (column * (VIEW_SIZE + 8), row * (VIEW_SIZE + 8)))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(output, optimize=True)
+    return output
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, required=True)
-    parser.add_argument("--labels", type=Path, required=True)
+    parser.add_argument("--input", type=Path, nargs="+", required=True)
+    parser.add_argument("--labels", type=Path, nargs="+", required=True)
+    parser.add_argument("--planes", action="store_true", help="rows of four planes per input")
+    parser.add_argument("--reference", type=Path, nargs="*", help="masks drawn as an outline")
+    parser.add_argument("--titles", nargs="*", help="row captions")
     parser.add_argument(
         "--card", type=Path, required=True, help="card.json giving label names and colours"
     )
     parser.add_argument("-o", "--output", type=Path, required=True)
     arguments = parser.parse_args()
-    print(render(arguments.input, arguments.labels, arguments.card, arguments.output))
+    if arguments.planes:
+        print(
+            render_planes(
+                arguments.input, arguments.labels, arguments.card, arguments.output,
+                arguments.reference, arguments.titles,
+            )
+        )  # fmt: skip
+        return
+    print(render(arguments.input[0], arguments.labels[0], arguments.card, arguments.output))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ here). Contours: ch2bet (yellow), the default mask (red), the tight --no-csf bra
     python Testing/benchmarks/render_brain_masks.py Docs/images/brain-extraction-colin27.png [MODEL]
 
 MODEL: a brain-extraction model id or folder (default the bundled one).
+
+    python Testing/benchmarks/render_brain_masks.py --write-cases DIR
+
+writes the Colin27 variants, their reference masks and the segment task's brain and tissue labels
+(the bundled models) to DIR, for Slicer's own views (Resources/make_screenshots.py --planes).
 """
 
 from __future__ import annotations
@@ -24,7 +29,28 @@ from deepmri.tasks.segment import BRAIN_EXTRACTION, segment, tight_brain  # noqa
 from eval_segmentation import array, brain_cases  # noqa: E402
 
 
+def write_cases(folder: Path) -> None:
+    import SimpleITK as sitk
+    from deepmri.tasks.segment import BRAIN_TISSUE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (image, reference) in brain_cases().items():
+        if name == "colin27_moved":
+            continue
+        sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+        mask = sitk.GetImageFromArray(reference.astype(np.uint8))
+        mask.CopyInformation(image)
+        sitk.WriteImage(mask, str(folder / f"{name}_reference.nii.gz"))
+        for model, suffix in ((BRAIN_EXTRACTION, "brain"), (BRAIN_TISSUE, "tissue")):
+            labels = segment(image, model, device="cpu").labels
+            sitk.WriteImage(labels, str(folder / f"{name}_{suffix}.nii.gz"))
+        print(f"wrote {name}", flush=True)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--write-cases"]:
+        write_cases(Path(argv[1]))
+        return 0
     import matplotlib
 
     matplotlib.use("Agg")
