@@ -27,6 +27,7 @@ from slicer.util import VTKObservationMixin
 
 METHODS = ["rigid", "similarity", "affine", "deformable"]
 SIMILARITIES = ["auto", "lncc", "mind"]
+BUDGETS = ["quick", "standard", "best"]
 
 
 class DeepMRIRegistration(ScriptedLoadableModule):
@@ -66,7 +67,7 @@ class DeepMRIRegistrationParameterNode:
     """Everything the module panel shows; saved with the scene.
 
     fixedVolume/movingVolume - the pair. movingSegmentation - optional labels to carry along.
-    method, regularisation, similarity - the task's options. jacobian - also make its map.
+    method, regularisation, similarity, budget - the task's options. jacobian - also make its map.
     outputTransform/outputVolume/outputJacobian - the latest result.
     """
 
@@ -76,6 +77,7 @@ class DeepMRIRegistrationParameterNode:
     method: Annotated[str, Choice(METHODS)] = "deformable"
     regularisation: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
     similarity: Annotated[str, Choice(SIMILARITIES)] = "auto"
+    budget: Annotated[str, Choice(BUDGETS)] = "standard"
     jacobian: bool = False
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     outputTransform: vtkMRMLTransformNode
@@ -113,6 +115,7 @@ class DeepMRIRegistrationWidget(
             method=parameters.method,
             regularisation=parameters.regularisation,
             similarity=parameters.similarity,
+            budget=parameters.budget,
             leave_out=[] if parameters.jacobian else ["jacobian"],
         )
 

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from deepmri import CancelToken
 from deepmri.errors import Cancelled, DeepMRIError
 from deepmri.geometry import resample_to_spacing
-from deepmri.registration import DeformableSettings, register
+from deepmri.registration import DeformableSettings, linear_register, register
 from deepmri.registration.fields import compose, folding_percent, jacobian_determinant
 from deepmri.tasks import TaskResult, get_task
 
@@ -83,6 +83,18 @@ def test_rigid_and_affine_recover_a_known_motion_on_an_oblique_grid(fixed, brain
         assert result.warped.GetSize() == fixed.GetSize()
         np.testing.assert_allclose(result.warped.GetOrigin(), fixed.GetOrigin())
         np.testing.assert_allclose(result.warped.GetDirection(), fixed.GetDirection())
+
+
+def test_affine_is_reproducible_run_to_run(fixed):
+    # The metric samples are drawn from a fixed seed (SimpleITK's default seed is the clock).
+    moving = sitk.Resample(fixed, oblique_grid(fixed), known_rigid(), sitk.sitkLinear, 0.0)
+    first, second = (register(fixed, moving, "affine").linear for _ in range(2))
+    assert first.GetParameters() == second.GetParameters()
+    assert first.GetFixedParameters() == second.GetFixedParameters()
+    other_seed = linear_register(fixed, moving, "affine", seed=7)
+    assert other_seed.GetParameters() != first.GetParameters()  # the seed is what fixes them
+    with pytest.raises(DeepMRIError, match="seed"):
+        linear_register(fixed, moving, "affine", seed=0)
 
 
 def smooth_deformation(reference: sitk.Image, amplitude_mm: float, seed: int) -> sitk.Image:

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from deepmri.errors import Cancelled  # noqa: E402
+from deepmri.errors import Cancelled, DeepMRIError  # noqa: E402
 from deepmri.geometry import resample_to_spacing, same_geometry  # noqa: E402
 from deepmri.models import ModelStore, save_model  # noqa: E402
 from deepmri.progress import CancelToken  # noqa: E402
@@ -94,14 +94,14 @@ def moved_copy(fixed: sitk.Image) -> sitk.Image:
 
 @pytest.fixture
 def tiny_deformable_budget(monkeypatch):
-    """The task has no budget option; the core's default settings are made smaller here."""
+    """Every named budget is sized for real 1 mm images; here each is made much smaller."""
     import deepmri.registration
     from deepmri.registration import DeformableSettings
 
-    def tiny(**values):
+    def tiny(budget, **values):
         return DeformableSettings(**{"levels_mm": (8.0,), "iterations": (40,), **values})
 
-    monkeypatch.setattr(deepmri.registration, "DeformableSettings", tiny)
+    monkeypatch.setattr(deepmri.registration, "settings_for_budget", tiny)
 
 
 @pytest.fixture
@@ -365,7 +365,35 @@ def test_cancelling_background_registration_adds_nothing(scene, pair):
     deadline = time.monotonic() + 120
     while not job.poll() and not job.done and time.monotonic() < deadline:
         time.sleep(0.05)  # until it reports work, so the cancel stops real work
+    asked = time.monotonic()
     job.cancel()
     with pytest.raises(Cancelled):
         job.result()
+    # The worker stops on the cancel token at its next iteration, or is killed at the 2 s grace.
+    assert time.monotonic() - asked < 2.5
+    assert scene_ids(scene) == before
+
+
+def test_mismatched_registration_inputs_fail_in_one_line_and_add_nothing(scene, head, pair):
+    fixed_node = pair[0]
+    single_slice = sitk.RegionOfInterest(head, [head.GetWidth(), head.GetHeight(), 1], [0, 0, 20])
+    empty = sitk.Image(head.GetSize(), sitk.sitkFloat32)
+    empty.CopyInformation(head)
+    piece = sitk.RegionOfInterest(head, [5, 5, 5], [20, 24, 20])  # a 20 mm cube of brain
+    cases = {"single slice": single_slice, "empty": empty, "covers only": piece}
+    nodes = {
+        words: mrml.volume_node_from_image(image, scene, words) for words, image in cases.items()
+    }
+    before = scene_ids(scene)
+    logic = module_logic("DeepMRIRegistration", scene)
+    for words, moving in nodes.items():
+        with pytest.raises(DeepMRIError, match=words) as caught:
+            logic.run({"fixed": fixed_node, "moving": moving}, method="affine", config=CPU)
+        assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+    # Through the background worker, as the panel runs it: the same one line, nothing added.
+    worker = module_logic("DeepMRIRegistration", scene, worker_environment={"OMP_NUM_THREADS": "1"})
+    job = worker.start({"fixed": fixed_node, "moving": nodes["empty"]}, config=CPU)
+    with pytest.raises(DeepMRIError, match="empty") as caught:
+        job.result()
+    assert "\n" not in str(caught.value).strip() and "Traceback" not in str(caught.value)
     assert scene_ids(scene) == before

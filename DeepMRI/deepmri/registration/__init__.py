@@ -19,7 +19,12 @@ import SimpleITK as sitk
 
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress, sub_progress
 from deepmri.registration.affine import LINEAR_METHODS, RegistrationError, linear_register
-from deepmri.registration.deformable import DeformableSettings, deformable_register
+from deepmri.registration.deformable import (
+    BUDGETS,
+    DeformableSettings,
+    deformable_register,
+    settings_for_budget,
+)
 from deepmri.registration.fields import compose, folding_percent, jacobian_determinant
 from deepmri.validation import validate_image
 
@@ -79,6 +84,7 @@ def register(
     *,
     regularisation: float = 1.0,
     similarity: str = "auto",
+    budget: str = "standard",
     settings: DeformableSettings | None = None,
     fixed_mask: sitk.Image | None = None,
     device=None,
@@ -89,10 +95,14 @@ def register(
 
     The deformable method starts from an affine. `regularisation` scales the smoothness of the
     deformation (higher is smoother); `similarity` is "lncc", "mind" or "auto" (LNCC if the
-    images share a contrast after the affine, MIND-SSC otherwise). Inputs are not modified.
+    images correlate after the affine, MIND-SSC otherwise). `budget` ("quick", "standard",
+    "best") names the deformable schedule; `settings` replaces it outright. Inputs are not
+    modified.
     """
     if method not in METHODS:
         raise RegistrationError(f"Unknown method '{method}'; use one of {', '.join(METHODS)}.")
+    if budget not in BUDGETS:
+        raise RegistrationError(f"Unknown budget '{budget}'; use one of {', '.join(BUDGETS)}.")
     validate_image(fixed, "The fixed image")
     validate_image(moving, "The moving image")
     started = time.perf_counter()
@@ -122,7 +132,8 @@ def register(
     if method == "deformable":
         if similarity == "auto":
             similarity = choose_similarity(fixed, sitk.Resample(moving_float, fixed, linear))
-        base = settings or DeformableSettings()
+        schedule = budget if settings is None else "custom"
+        base = settings or settings_for_budget(budget)
         settings = DeformableSettings(
             **{**base.__dict__, "similarity": similarity, "regularisation": regularisation}
         )
@@ -141,6 +152,7 @@ def register(
         check_cancel(cancel)
         measures.update(
             similarity=similarity,
+            budget=schedule,
             similarity_loss=round(losses["similarity"], 5),
             folding_pct=round(folding_percent(jacobian), 5),
             jacobian_min=round(float(sitk.GetArrayViewFromImage(jacobian).min()), 4),
@@ -153,6 +165,7 @@ def register(
 
 
 __all__ = [
+    "BUDGETS",
     "METHODS",
     "DeformableSettings",
     "Registration",
@@ -163,4 +176,5 @@ __all__ = [
     "jacobian_determinant",
     "linear_register",
     "register",
+    "settings_for_budget",
 ]

@@ -137,32 +137,20 @@ def initial_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTran
         ) from error
 
 
-def linear_register(
+def _linear_register(
     fixed: sitk.Image,
     moving: sitk.Image,
     method: str = "affine",
     *,
     fixed_mask: sitk.Image | None = None,
     samples: int = 40_000,
-    seed: int = 0,
+    seed: int = 18,
     progress: ProgressCallback = no_progress,
     cancel: CancelLike | None = None,
 ) -> sitk.AffineTransform:
-    """The linear transform that maps fixed points to moving points (ITK's resampling transform).
-
-    `sitk.Resample(moving, fixed, transform)` puts the moving image on the fixed grid. `method`
-    is "rigid", "similarity" or "affine"; `fixed_mask` limits the metric to a region of the fixed
-    image (for example its brain when the moving image is a whole head). `samples` fixed voxels,
-    drawn at random (seeded), estimate the metric at each iteration.
-
-    Examples:
-        >>> transform = linear_register(fixed, moving, "rigid")  # doctest: +SKIP
-        >>> aligned = sitk.Resample(moving, fixed, transform)  # doctest: +SKIP
-    """
-    if method not in LINEAR_METHODS:
-        raise RegistrationError(
-            f"Unknown linear method '{method}'; use one of {', '.join(LINEAR_METHODS)}."
-        )
+    """`linear_register` on the threads ITK has now (see there)."""
+    if seed <= 0:
+        raise RegistrationError("The sampling seed must be a positive integer (0 means the clock).")
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     transform: sitk.Transform = initial_transform(fixed, moving)
@@ -220,3 +208,50 @@ def linear_register(
         done += stage.iterations
     progress(1.0, "linear alignment done")
     return as_affine(transform)
+
+
+def linear_register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    method: str = "affine",
+    *,
+    fixed_mask: sitk.Image | None = None,
+    samples: int = 40_000,
+    seed: int = 18,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelLike | None = None,
+) -> sitk.AffineTransform:
+    """The linear transform that maps fixed points to moving points (ITK's resampling transform).
+
+    `sitk.Resample(moving, fixed, transform)` puts the moving image on the fixed grid. `method`
+    is "rigid", "similarity" or "affine"; `fixed_mask` limits the metric to a region of the fixed
+    image (for example its brain when the moving image is a whole head). `samples` fixed voxels,
+    drawn at random, estimate the metric at each iteration. They are drawn from `seed`, and ITK
+    runs on one thread meanwhile, so the same inputs give the same transform on every run: its
+    threaded Mattes MI adds the threads' histograms in the order they finish, so threaded runs
+    differ in the last bits and drift apart. The stage costs a few CPU seconds; one thread costs
+    it no CPU time. (SimpleITK reads a seed of 0 as "from the wall clock", so 0 is refused.)
+
+    Examples:
+        >>> transform = linear_register(fixed, moving, "rigid")  # doctest: +SKIP
+        >>> aligned = sitk.Resample(moving, fixed, transform)  # doctest: +SKIP
+    """
+    if method not in LINEAR_METHODS:
+        raise RegistrationError(
+            f"Unknown linear method '{method}'; use one of {', '.join(LINEAR_METHODS)}."
+        )
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        return _linear_register(
+            fixed,
+            moving,
+            method,
+            fixed_mask=fixed_mask,
+            samples=samples,
+            seed=seed,
+            progress=progress,
+            cancel=cancel,
+        )
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

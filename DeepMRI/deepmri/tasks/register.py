@@ -21,7 +21,7 @@ class RegisterTask(Task):
         >>> from deepmri.tasks import get_task
         >>> task = get_task("register")
         >>> [option.name for option in task.options]
-        ['method', 'regularisation', 'similarity']
+        ['method', 'regularisation', 'similarity', 'budget']
         >>> result = task({"fixed": fixed, "moving": moving})  # doctest: +SKIP
         >>> result.measures["folding_pct"]  # doctest: +SKIP
         0.0
@@ -64,6 +64,13 @@ class RegisterTask(Task):
             "deformable similarity: lncc (same contrast), mind (different contrasts) or auto",
             choices=("auto", "lncc", "mind"),
         ),
+        OptionSpec(
+            "budget",
+            str,
+            "standard",
+            "deformable speed/quality: quick (coarse level only), standard, or best (slower)",
+            choices=("quick", "standard", "best"),
+        ),
     )
     outputs = (
         OutputSpec("transform", Kind.TRANSFORM, "fixed->moving transform (composite .h5)"),
@@ -95,6 +102,7 @@ class RegisterTask(Task):
             options["method"],
             regularisation=options["regularisation"],
             similarity=options["similarity"],
+            budget=options["budget"],
             device=context.config.resolve_device(),
             progress=context.progress,
             cancel=context.cancel,
