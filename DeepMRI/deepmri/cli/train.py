@@ -116,6 +116,26 @@ def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
     synthesize.add_argument(
         "--cosine-after", type=float, default=0.5, help="share of the budget before the LR decays"
     )
+    synthesize.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    synthesize.add_argument(
+        "--mse-weight", type=float, default=0.0, help="loss = L1 + this x MSE (0: L1 only)"
+    )
+    synthesize.add_argument(
+        "--select",
+        choices=["mae", "psnr"],
+        default="mae",
+        help="validation figure that picks the kept weights",
+    )
+    synthesize.add_argument(
+        "--init-from",
+        type=Path,
+        help="start the generator from these weights (a run's .pt or a model folder)",
+    )
+    synthesize.add_argument(
+        "--loss-inside-brain",
+        action="store_true",
+        help="compute the loss on brain voxels only (the task sets the outside to 0)",
+    )
     synthesize.add_argument("--export", type=Path, help="write the best weights as a model folder")
     synthesize.add_argument("--source-dir", type=Path, help="a site's own inputs (brain-only)")
     synthesize.add_argument(
@@ -137,6 +157,11 @@ def _synthesize(arguments: argparse.Namespace) -> int:
         resume=arguments.resume,
         adversarial_weight=arguments.adversarial_weight,
         cosine_after=arguments.cosine_after,
+        learning_rate=arguments.lr,
+        mse_weight=arguments.mse_weight,
+        select=arguments.select,
+        init_from=arguments.init_from,
+        loss_inside_brain=arguments.loss_inside_brain,
         export=arguments.export,
         source_dir=arguments.source_dir,
         target_dir=arguments.target_dir,
