@@ -217,6 +217,16 @@ def test_init_from_copies_weights_and_widens_the_output_layer(tmp_path):
     assert state["prior"]["iterations"] == 2
     warm = export(tmp_path / "warm", tmp_path / "warm-model")
     assert warm["training"]["cumulative_iterations"] == 3
+    assert warm["training"]["command"] == "test && test"  # the chain of runs behind the weights
+
+
+def test_a_warm_start_from_best_pt_counts_the_training_behind_it(tmp_path):
+    from deepmri.train.segment import RECIPES, build_network, load_initial_weights
+
+    state = _tiny_run(tmp_path / "run", max_iterations=3, validation_every=2)
+    network = build_network(replace(RECIPES[BRAIN_TISSUE], **TINY))
+    prior = load_initial_weights(network, tmp_path / "run" / "best.pt")
+    assert prior["iterations"] == state["best_iteration"] and prior["commands"] == ["test"]
 
 
 def test_export_keeps_metrics_only_for_the_same_weights(tmp_path):

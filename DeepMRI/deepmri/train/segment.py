@@ -209,6 +209,7 @@ def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, An
         )
         prior["minutes"] = float(training.get("cumulative_minutes", training.get("minutes", 0.0)))
         prior["from"] = f"{card['id']} {card.get('version', '')} ({source})"
+        prior["commands"] = [training["command"]] if training.get("command") else []
     else:
         path = source / "checkpoint.pt" if source.is_dir() else source
         saved = torch.load(path, weights_only=True)
@@ -217,6 +218,7 @@ def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, An
         if state is not None:
             prior["iterations"] = int(state.get("cumulative_iterations", state["iteration"]))
             prior["minutes"] = float(state.get("cumulative_minutes", state["elapsed"] / 60.0))
+            prior["commands"] = _commands_behind(state)
         elif (path.parent / "checkpoint.pt").exists():
             prior.update(_training_behind_best(path.parent / "checkpoint.pt"))
     own = network.state_dict()
@@ -242,7 +244,13 @@ def _training_behind_best(checkpoint: Path) -> dict[str, Any]:
     return {
         "iterations": int(prior.get("iterations", 0)) + best,
         "minutes": float(prior.get("minutes", 0.0)) + float(minutes),
+        "commands": _commands_behind(state),
     }
+
+
+def _commands_behind(state: dict[str, Any]) -> list[str]:
+    """Every command of the chain of runs that led to a run's weights, oldest first."""
+    return [*(state.get("prior") or {}).get("commands", []), *state["commands"]]
 
 
 def _widened(value: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
@@ -547,7 +555,7 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
         "metrics": [],
         "training": {
             "data": data,
-            "command": " && ".join(state["commands"]),
+            "command": " && ".join(_commands_behind(state)),
             "iterations": state["iteration"],
             "best_iteration": state.get("best_iteration"),
             "minutes": round(state["elapsed"] / 60.0, 1),
