@@ -189,7 +189,7 @@ def _add_superresolve(tasks: argparse._SubParsersAction) -> None:
     superresolve.add_argument("--width", type=int, default=16, help="network channels")
     superresolve.add_argument("--depth", type=int, default=7, help="network layers")
     superresolve.add_argument("--batch", type=int, default=4, help="patches per step")
-    superresolve.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    superresolve.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     superresolve.add_argument("--validation-patches", type=int, default=32)
     superresolve.add_argument("--validate-every", type=int, default=100, help="iterations")
     superresolve.add_argument(
