@@ -119,7 +119,10 @@ def run_elastix(fixed: sitk.Image, moving: sitk.Image, workdir: Path, threads: i
         log_to_console=False,
         number_of_threads=threads,
     )
-    field = itk.transformix_deformation_field(m, transform_parameters)
+    # transformix writes deformationField.nii: into the job's folder, not the working directory
+    field = itk.transformix_deformation_field(
+        m, transform_parameters, output_directory=str(workdir)
+    )
     vectors = itk.array_from_image(field).astype(np.float64)
     image = sitk.GetImageFromArray(vectors, isVector=True)
     image.CopyInformation(fixed)
