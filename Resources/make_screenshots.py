@@ -117,10 +117,16 @@ def render_planes(
     }
     for view in views.values():
         view.render_window().SetSize(VIEW_SIZE, VIEW_SIZE)
+    if len(inputs) != len(labels) or (references and len(references) != len(inputs)):
+        raise SystemExit("give as many --labels (and --reference) as --input")
     card = json.loads(card_path.read_text())
     rows = []
     shown = []
-    for row, (input_path, labels_path) in enumerate(zip(inputs, labels, strict=True)):
+    # The first segmentation a fresh scene shows is drawn with an opaque fill whatever its
+    # opacity: the first row is rendered twice and its first rendering dropped.
+    order = [0, *range(len(inputs))]
+    for row in order:
+        input_path, labels_path = inputs[row], labels[row]
         for node in shown:
             node.GetDisplayNode().SetVisibility(False)
         volume = app.io_manager.load_volumes([str(input_path)])[0]
@@ -154,9 +160,9 @@ def render_planes(
         for orientation, offset, title in planes:
             view = views[orientation]
             view.set_slice_value(float(offset))
-            _capture(view)  # the first render after new nodes can miss the background layer
             captures.append(_captioned(_capture(view), title))
         rows.append(captures)
+    rows = rows[1:]
     width = 4 * (VIEW_SIZE + 8) - 8
     canvas = Image.new("RGB", (width, len(rows) * (VIEW_SIZE + 8) - 8), (32, 32, 32))
     for row, captures in enumerate(rows):
