@@ -168,8 +168,11 @@ def render_planes(
     for row, captures in enumerate(rows):
         for column, image in enumerate(captures):
             canvas.paste(image, (column * (VIEW_SIZE + 8), row * (VIEW_SIZE + 8)))
+    # Twelve views at full size are 1.3 MB: two thirds and a 256-colour palette keep the
+    # captions readable at half that.
+    smaller = canvas.resize((canvas.width * 2 // 3, canvas.height * 2 // 3), Image.LANCZOS)
     output.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(output, optimize=True)
+    smaller.quantize(256).save(output, optimize=True)
     return output
 
 
