@@ -45,3 +45,17 @@ def make_oblique_image(
 @pytest.fixture
 def oblique_image() -> sitk.Image:
     return make_oblique_image()
+
+
+def thick_oblique(spacing=(0.9, 1.1, 4.0), size=(40, 36, 12)) -> sitk.Image:
+    """A thick-slice volume on an oblique grid (the super-resolution tests' input)."""
+    return make_oblique_image(size=size, spacing=spacing, seed=3)
+
+
+def corners(image: sitk.Image) -> np.ndarray:
+    """Physical positions of the outer corners of the first and last voxels (the box covered)."""
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing())
+    first = np.asarray(image.GetOrigin()) - direction @ (spacing / 2)
+    last = first + direction @ (np.asarray(image.GetSize()) * spacing)
+    return np.stack([first, last])

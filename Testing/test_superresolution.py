@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import make_oblique_image
+from conftest import corners, make_oblique_image, thick_oblique
 from deepmri import Cancelled, CancelToken
 from deepmri.superres import AlreadyIsotropicError, SliceProfile, SSLSettings, superresolve
 from deepmri.superres.grid import interpolate_along, output_grid, resample_onto
@@ -15,19 +15,6 @@ from deepmri.tasks.base import TaskError
 
 # A few steps of a tiny network: enough to exercise every code path quickly.
 TINY = SSLSettings(width=4, depth=3, patch=16, batch=2, iterations=6)
-
-
-def thick_oblique(spacing=(0.9, 1.1, 4.0), size=(40, 36, 12)) -> sitk.Image:
-    return make_oblique_image(size=size, spacing=spacing, seed=3)
-
-
-def corners(image: sitk.Image) -> np.ndarray:
-    """Physical positions of the outer corners of the first and last voxels (the box covered)."""
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    spacing = np.asarray(image.GetSpacing())
-    first = np.asarray(image.GetOrigin()) - direction @ (spacing / 2)
-    last = first + direction @ (np.asarray(image.GetSize()) * spacing)
-    return np.stack([first, last])
 
 
 @pytest.mark.parametrize("method", ["cubic", "sinc", "ssl"])

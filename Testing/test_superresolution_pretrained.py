@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import make_oblique_image
+from conftest import corners, make_oblique_image, thick_oblique
 from deepmri.errors import ModelError
 from deepmri.models import Model
 from deepmri.superres import superresolve
@@ -46,17 +46,6 @@ def tiny_model(tmp_path_factory):
         json.dumps({**json.loads((out / "training.json").read_text()), "command": "test"})
     )
     return export(TINY, out, out / "model", command="test"), out
-
-
-def thick_oblique(spacing=(0.9, 1.1, 4.0), size=(40, 36, 12)) -> sitk.Image:
-    return make_oblique_image(size=size, spacing=spacing, seed=3)
-
-
-def corners(image: sitk.Image) -> np.ndarray:
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    spacing = np.asarray(image.GetSpacing())
-    first = np.asarray(image.GetOrigin()) - direction @ (spacing / 2)
-    return np.stack([first, first + direction @ (np.asarray(image.GetSize()) * spacing)])
 
 
 def test_recipe_trains_logs_validates_resumes_and_exports_a_valid_small_card(tiny_model):
