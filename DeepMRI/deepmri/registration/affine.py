@@ -6,7 +6,10 @@ with large initial offsets, whole-head versus brain-only inputs and different co
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,6 +18,7 @@ from deepmri.errors import DeepMRIError
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
 
 LINEAR_METHODS = ("rigid", "similarity", "affine")
+T = TypeVar("T")
 
 
 class RegistrationError(DeepMRIError):
@@ -137,7 +141,23 @@ def initial_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTran
         ) from error
 
 
-def _linear_register(
+def _on_one_itk_thread(function: Callable[..., T]) -> Callable[..., T]:
+    """Run `function` with ITK on one thread, then give ITK back its thread count."""
+
+    @functools.wraps(function)
+    def on_one_thread(*args: Any, **kwargs: Any) -> T:
+        threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+    return on_one_thread
+
+
+@_on_one_itk_thread
+def linear_register(
     fixed: sitk.Image,
     moving: sitk.Image,
     method: str = "affine",
@@ -148,7 +168,25 @@ def _linear_register(
     progress: ProgressCallback = no_progress,
     cancel: CancelLike | None = None,
 ) -> sitk.AffineTransform:
-    """`linear_register` on the threads ITK has now (see there)."""
+    """The linear transform that maps fixed points to moving points (ITK's resampling transform).
+
+    `sitk.Resample(moving, fixed, transform)` puts the moving image on the fixed grid. `method`
+    is "rigid", "similarity" or "affine"; `fixed_mask` limits the metric to a region of the fixed
+    image (for example its brain when the moving image is a whole head). `samples` fixed voxels,
+    drawn at random, estimate the metric at each iteration. They are drawn from `seed`, and ITK
+    runs on one thread meanwhile, so the same inputs give the same transform on every run: its
+    threaded Mattes MI adds the threads' histograms in the order they finish, so threaded runs
+    differ in the last bits and drift apart. The stage costs a few CPU seconds; one thread costs
+    it no CPU time. (SimpleITK reads a seed of 0 as "from the wall clock", so 0 is refused.)
+
+    Examples:
+        >>> transform = linear_register(fixed, moving, "rigid")  # doctest: +SKIP
+        >>> aligned = sitk.Resample(moving, fixed, transform)  # doctest: +SKIP
+    """
+    if method not in LINEAR_METHODS:
+        raise RegistrationError(
+            f"Unknown linear method '{method}'; use one of {', '.join(LINEAR_METHODS)}."
+        )
     if seed <= 0:
         raise RegistrationError("The sampling seed must be a positive integer (0 means the clock).")
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
@@ -208,50 +246,3 @@ def _linear_register(
         done += stage.iterations
     progress(1.0, "linear alignment done")
     return as_affine(transform)
-
-
-def linear_register(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    method: str = "affine",
-    *,
-    fixed_mask: sitk.Image | None = None,
-    samples: int = 40_000,
-    seed: int = 18,
-    progress: ProgressCallback = no_progress,
-    cancel: CancelLike | None = None,
-) -> sitk.AffineTransform:
-    """The linear transform that maps fixed points to moving points (ITK's resampling transform).
-
-    `sitk.Resample(moving, fixed, transform)` puts the moving image on the fixed grid. `method`
-    is "rigid", "similarity" or "affine"; `fixed_mask` limits the metric to a region of the fixed
-    image (for example its brain when the moving image is a whole head). `samples` fixed voxels,
-    drawn at random, estimate the metric at each iteration. They are drawn from `seed`, and ITK
-    runs on one thread meanwhile, so the same inputs give the same transform on every run: its
-    threaded Mattes MI adds the threads' histograms in the order they finish, so threaded runs
-    differ in the last bits and drift apart. The stage costs a few CPU seconds; one thread costs
-    it no CPU time. (SimpleITK reads a seed of 0 as "from the wall clock", so 0 is refused.)
-
-    Examples:
-        >>> transform = linear_register(fixed, moving, "rigid")  # doctest: +SKIP
-        >>> aligned = sitk.Resample(moving, fixed, transform)  # doctest: +SKIP
-    """
-    if method not in LINEAR_METHODS:
-        raise RegistrationError(
-            f"Unknown linear method '{method}'; use one of {', '.join(LINEAR_METHODS)}."
-        )
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
-        return _linear_register(
-            fixed,
-            moving,
-            method,
-            fixed_mask=fixed_mask,
-            samples=samples,
-            seed=seed,
-            progress=progress,
-            cancel=cancel,
-        )
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
