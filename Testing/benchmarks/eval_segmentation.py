@@ -143,25 +143,23 @@ def tissue_cases() -> dict[str, tuple[sitk.Image, sitk.Image, bool]]:
     }
 
 
-def without_fringe(image: sitk.Image) -> sitk.Image:
-    """A skull-stripped image with the faint fringe that resampling blurs into its zero
-    background set back to 0 (below 5% of the 99th percentile, the baseline's brain rule)."""
+def stripped_brain(image: sitk.Image) -> sitk.Image:
+    """The brain of a skull-stripped image: brighter than 5% of the 99th percentile, because
+    resampling blurs the zero background into a faint fringe that is not tissue."""
     values = array(image)
     floor = 0.05 * np.percentile(values[values > 0], 99)
-    return sitk.Mask(image, sitk.Cast(image > floor, sitk.sitkUInt8))
+    return sitk.Cast(sitk.Cast(image, sitk.sitkFloat32) > floor, sitk.sitkUInt8)
+
+
+def without_fringe(image: sitk.Image) -> sitk.Image:
+    """A skull-stripped image with that fringe set back to 0 (the baseline's brain rule)."""
+    return sitk.Mask(image, stripped_brain(image))
 
 
 def baseline_tissue(image: sitk.Image, t2_like_contrast: bool) -> np.ndarray:
-    """GMM inside the (already skull-stripped) brain; told the contrast so it can order classes.
-
-    The brain is what is brighter than 5% of the 99th percentile: resampling blurs the zero
-    background of a skull-stripped scan into a faint fringe that is not tissue.
-    """
-    values = array(image)
-    floor = 0.05 * np.percentile(values[values > 0], 99)
-    brain = sitk.Cast(sitk.Cast(image, sitk.sitkFloat32) > floor, sitk.sitkUInt8)
+    """GMM inside the (already skull-stripped) brain; told the contrast so it can order classes."""
     source = sitk.Cast(image, sitk.sitkFloat32) * (-1.0 if t2_like_contrast else 1.0)
-    return array(classical_tissue(source, brain))
+    return array(classical_tissue(source, stripped_brain(image)))
 
 
 def coverage(mask: np.ndarray, reference: np.ndarray) -> float:
@@ -307,10 +305,10 @@ def atropos_tissue(image: sitk.Image, t2_like_contrast: bool) -> np.ndarray | No
     import ants
 
     values = array(image).astype(np.float32)
-    floor = 0.05 * np.percentile(values[values > 0], 99)
+    brain = array(stripped_brain(image)).astype(np.float32)
     spacing = image.GetSpacing()
     picture = ants.from_numpy(values.transpose(2, 1, 0).copy(), spacing=spacing)
-    mask = ants.from_numpy((values > floor).astype(np.float32).transpose(2, 1, 0).copy())
+    mask = ants.from_numpy(brain.transpose(2, 1, 0).copy())
     mask.set_spacing(spacing)
     result = ants.atropos(a=picture, x=mask, i="kmeans[3]", m="[0.1,1x1x1]", c="[5,0]")
     classes = result["segmentation"].numpy().transpose(2, 1, 0).astype(np.uint8)
