@@ -88,10 +88,7 @@ def _ras_centre_and_lowest(mask_path: Path) -> tuple[np.ndarray, float]:
     mask = sitk.ReadImage(str(mask_path))
     indices = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]  # (i, j, k)
     points = np.array([mask.TransformIndexToPhysicalPoint(i.tolist()) for i in indices[::97]])
-    lowest = min(
-        mask.TransformIndexToPhysicalPoint(i.tolist())[2]
-        for i in indices[indices[:, 2] == indices[:, 2].min()][:1]
-    )
+    lowest = mask.TransformIndexToPhysicalPoint(indices[indices[:, 2].argmin()].tolist())[2]
     centre = points.mean(axis=0) * np.array([-1.0, -1.0, 1.0])
     return centre, float(lowest)
 

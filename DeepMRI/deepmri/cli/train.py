@@ -67,13 +67,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=lambda arguments: parser.print_help() or 1)
 
 
+def _command_line() -> str:
+    """The command as typed, for the card's record of how its weights were made."""
+    return shlex.join(["deepmri", *sys.argv[1:]])
+
+
 def _segment(arguments: argparse.Namespace) -> int:
     from deepmri.train.segment import export, train
 
     if not arguments.export_only:
         if arguments.iterations is None and arguments.minutes is None:
             arguments.minutes = 30.0
-        command = shlex.join(["deepmri", *sys.argv[1:]])
+        command = _command_line()
         state = train(
             arguments.model,
             arguments.out,
@@ -165,7 +170,7 @@ def _synthesize(arguments: argparse.Namespace) -> int:
         export=arguments.export,
         source_dir=arguments.source_dir,
         target_dir=arguments.target_dir,
-        command=shlex.join(["deepmri", *sys.argv[1:]]),
+        command=_command_line(),
     )
     return 0
 
@@ -223,7 +228,7 @@ def _superresolve(arguments: argparse.Namespace) -> int:
         cache_dir=arguments.cache,
         export_to=arguments.export,
         export_only=arguments.export_only,
-        command=shlex.join(["deepmri", *sys.argv[1:]]),
+        command=_command_line(),
     )
     if state:
         print(f"trained {state['iteration']} iterations; best validation gain {state['best']}")

@@ -238,6 +238,8 @@ def segment(
     )
     check_cancel(cancel)
     provenance["models"].append(_model_provenance(output.card))
+    if not csf:
+        provenance["mask"] = "tight (no CSF around the brain)"
     result = _assemble_result(image, output, mask, probabilities, uncertainty, provenance, csf)
     progress(1.0, "Segmentation finished")
     return result
@@ -390,7 +392,6 @@ def _assemble_result(
     label_values = values[class_index]
     if not csf:
         label_values = tight_brain(label_values, card["tight_labels"])
-        provenance["mask"] = "tight (no CSF around the brain)"
     labels = _like(label_values, image, sitk.sitkUInt8)
     probability_images = None
     if with_probabilities:
