@@ -26,7 +26,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 METHODS = ["rigid", "similarity", "affine", "deformable"]
-SIMILARITIES = ["auto", "lncc", "mind"]
+SIMILARITIES = ["auto", "lncc", "mapped", "mind"]
 BUDGETS = ["quick", "standard", "best"]
 
 

@@ -145,6 +145,47 @@ def test_deformable_recovers_a_known_warp_better_than_the_affine(
     assert deformable_result.measures["similarity"] == "lncc"
 
 
+def inverted_contrast(image: sitk.Image) -> sitk.Image:
+    """T2-like: intensities inverted inside the brain (CSF bright, WM dark), background dark."""
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    inside = values > 0
+    high = np.percentile(values[inside], 99.5)
+    inverted = np.where(inside, np.clip(high - values, 0, None) + 0.05 * high, 0.0)
+    output = sitk.GetImageFromArray(inverted.astype(np.float32))
+    output.CopyInformation(image)
+    return output
+
+
+def test_intensity_mapping_turns_an_inverted_contrast_back(fixed):
+    import torch
+    from deepmri.registration.similarity import apply_mapping, intensity_mapping
+
+    original = torch.from_numpy(sitk.GetArrayFromImage(fixed))[None, None]
+    original = original / original.max()
+    inverted = torch.from_numpy(sitk.GetArrayFromImage(inverted_contrast(fixed)))[None, None]
+    inverted = inverted / inverted.max()
+    mapped = apply_mapping(inverted, intensity_mapping(inverted, original))
+    inside = original > 0
+    before = (inverted - original)[inside].abs().mean()
+    after = (mapped - original)[inside].abs().mean()
+    # Measured 0.49 -> 0.007 (the mean over the brain; 1 is the brightest voxel).
+    assert after < 0.05 * before, (float(before), float(after))
+
+
+def test_cross_contrast_warp_is_recovered_through_the_mapped_intensities(
+    fixed, deformed_case, brain_points
+):
+    moving, truth = deformed_case
+    moving = inverted_contrast(moving)
+    result = register(fixed, moving, "deformable", settings=FAST)
+    assert result.measures["similarity"] == "mapped"  # auto: the contrast is inverted
+    affine_error = point_errors(result.linear, truth, brain_points).mean()
+    error = point_errors(result.transform, truth, brain_points).mean()
+    # Measured 2.37 mm -> 0.70 mm (the table fitted on linearly interpolated voxels: 1.28 mm).
+    assert error < 0.5 * affine_error, (error, affine_error)
+    assert result.measures["folding_pct"] < 0.1
+
+
 def test_deformable_warp_does_not_fold(deformable_result):
     assert deformable_result.measures["folding_pct"] < 0.1
     jacobian = sitk.GetArrayViewFromImage(deformable_result.jacobian)

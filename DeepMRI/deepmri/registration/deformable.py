@@ -2,8 +2,8 @@
 
 The velocity lives on a grid twice as coarse as the image level it is fitted on, is integrated by
 scaling and squaring (MONAI `DVF2DDF`) into a diffeomorphic displacement and optimised with Adam
-against LNCC (same contrast) or MIND-SSC (across contrasts) plus one diffusion regulariser,
-coarse to fine. Torch throughout, so the same code runs on a GPU; coarse grids keep it fast on CPUs.
+against LNCC (same contrast; across contrasts after mapping the moving intensities onto the
+fixed ones, or MIND-SSC) plus one diffusion regulariser, coarse to fine. Torch throughout, so the same code runs on a GPU; coarse grids keep it fast on CPUs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import SimpleITK as sitk
 
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
 from deepmri.registration.affine import RegistrationError
-from deepmri.registration.similarity import LNCC, SIMILARITIES, MINDLoss, mind_ssc
+from deepmri.registration.similarity import (
+    LNCC,
+    SIMILARITIES,
+    MINDLoss,
+    apply_mapping,
+    intensity_mapping,
+    mind_ssc,
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ def settings_for_budget(budget: str, **values) -> DeformableSettings:
 
 # Diffusion weight per unit of the user's regularisation knob, for each similarity (their scales
 # differ: LNCC is about -1..0, MIND-SSC's mean squared difference about 0..0.1).
-_REGULARISATION_SCALE = {"lncc": 1.0, "mind": 0.1}
+_REGULARISATION_SCALE = {"lncc": 1.0, "mind": 0.1, "mapped": 1.0}
 
 
 def corner_aligned_grid(reference: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -209,6 +216,34 @@ class _Adam:
             )
 
 
+def moving_in_fixed_contrast(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    linear: sitk.Transform,
+    scales: tuple[tuple[float, float], tuple[float, float]],
+) -> sitk.Image:
+    """The moving image, on its own grid, with its intensities mapped to the fixed image's.
+
+    The lookup table (`intensity_mapping`) is fitted on the moving image aligned by `linear`
+    (nearest neighbour) at the fixed grid, and applied to the moving image as it is: both before
+    any interpolation or smoothing, which would make voxels half bright CSF and half dark
+    background, with the intensities of grey or white matter, that map to a ring of false tissue
+    around the brain (at 3 mm, linear interpolation there left 1.28 mm of a known warp's 2.37,
+    nearest neighbour 0.70; the same contrast: 0.71).
+    """
+    import torch
+
+    aligned = sitk.Resample(moving, fixed, linear, sitk.sitkNearestNeighbor, 0.0)
+    fixed_tensor = _as_tensor(fixed, scales[0], "cpu")
+    with torch.no_grad():
+        table = intensity_mapping(_as_tensor(aligned, scales[1], "cpu"), fixed_tensor)
+        mapped = apply_mapping(_as_tensor(moving, scales[1], "cpu"), table)
+    low, high = scales[0]
+    image = sitk.GetImageFromArray((mapped[0, 0].numpy() * (high - low) + low).astype(np.float32))
+    image.CopyInformation(moving)
+    return image
+
+
 def deformable_register(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -240,7 +275,7 @@ def deformable_register(
     fixed_scale, moving_scale = intensity_scale(full_fixed), intensity_scale(moving)
     box_index, box_size = foreground_box(full_fixed, fixed_scale)
     fixed = sitk.RegionOfInterest(full_fixed, box_size, box_index)
-    similarity = LNCC() if settings.similarity == "lncc" else MINDLoss()
+    similarity = MINDLoss() if settings.similarity == "mind" else LNCC()
     weight = settings.regularisation * _REGULARISATION_SCALE[settings.similarity]
     integrate = DVF2DDF(num_steps=settings.integration_steps, mode="bilinear")
     warp = Warp(mode="bilinear", padding_mode="border")
@@ -249,6 +284,9 @@ def deformable_register(
     done = 0
     losses: dict[str, float] = {}
     control = None
+    if settings.similarity == "mapped":
+        moving = moving_in_fixed_contrast(fixed, moving, linear, (fixed_scale, moving_scale))
+        moving_scale = fixed_scale
     pyramid = _level_images(fixed, moving, linear, settings.levels_mm, cancel)
     for spacing_mm, iterations in zip(settings.levels_mm, settings.iterations, strict=True):
         check_cancel(cancel)
@@ -261,11 +299,6 @@ def deformable_register(
                 "After the linear alignment the moving image does not overlap the fixed one; "
                 "check that both show the same body part."
             )
-        if settings.similarity == "mind":
-            fixed_features = mind_ssc(fixed_tensor)
-            moving_features = mind_ssc(moving_tensor)
-        else:
-            fixed_features, moving_features = fixed_tensor, moving_tensor
         control = corner_aligned_grid(
             fixed, max(spacing_mm * settings.control_factor, min(fixed.GetSpacing()))
         )
@@ -279,6 +312,11 @@ def deformable_register(
             start = torch.nn.functional.interpolate(
                 velocity.detach(), size=control_shape, mode="trilinear", align_corners=True
             )
+        if settings.similarity == "mind":
+            fixed_features = mind_ssc(fixed_tensor)
+            moving_features = mind_ssc(moving_tensor)
+        else:
+            fixed_features, moving_features = fixed_tensor, moving_tensor
         velocity = start.requires_grad_(True)
         optimiser = _Adam(velocity, settings.learning_rate_mm * spacing_mm / 2)
         for step in range(iterations):

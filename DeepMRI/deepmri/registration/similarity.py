@@ -1,7 +1,8 @@
-"""Image similarity for deformable registration: LNCC for one contrast, MIND-SSC across contrasts.
+"""Image similarity for deformable registration: LNCC for one contrast; across contrasts a map of
+the moving intensities onto the fixed ones (then LNCC), or MIND-SSC.
 
-Both are torch functions of (batch, channel, D, H, W) tensors, differentiable in the moving image,
-so the same code runs on the CPU and a GPU.
+All are torch functions of (batch, channel, D, H, W) tensors, so the same code runs on the CPU
+and a GPU; the losses are differentiable in the moving image.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-SIMILARITIES = ("lncc", "mind")
+SIMILARITIES = ("lncc", "mind", "mapped")
 
 # The six face neighbours of a voxel, as offsets; MIND-SSC compares the 12 pairs of them that are
 # sqrt(2) apart (the self-similarity context), which avoids using the centre voxel itself.
@@ -114,3 +115,28 @@ class MINDLoss(torch.nn.Module):
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(warped, fixed)
+
+
+def intensity_mapping(
+    moving: torch.Tensor, fixed: torch.Tensor, bins: int = 48, prior: float = 20.0
+) -> torch.Tensor:
+    """The mean fixed intensity for each moving intensity bin: a lookup table over [0, 1.5].
+
+    Two images of one anatomy in different contrasts are close to a function of each other
+    tissue by tissue; its conditional mean (the correlation ratio's regression) maps the moving
+    contrast onto the fixed one, after which one-contrast LNCC applies. Bins with few voxels lean
+    towards the global mean (`prior` pseudo-voxels), so rare intensities do not map to noise.
+    """
+    index = (moving.detach().flatten() / 1.5 * (bins - 1)).round().long().clamp(0, bins - 1)
+    values = fixed.detach().flatten()
+    counts = torch.bincount(index, minlength=bins).to(values.dtype)
+    sums = torch.bincount(index, weights=values, minlength=bins)
+    return (sums + prior * values.mean()) / (counts + prior)
+
+
+def apply_mapping(moving: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`moving` through the lookup table of `intensity_mapping`, linear between bin centres."""
+    position = (moving / 1.5 * (len(table) - 1)).clamp(0, len(table) - 1)
+    lower = position.floor().long().clamp(max=len(table) - 2)
+    fraction = position - lower
+    return table[lower] * (1 - fraction) + table[lower + 1] * fraction

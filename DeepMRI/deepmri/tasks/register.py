@@ -61,8 +61,9 @@ class RegisterTask(Task):
             "similarity",
             str,
             "auto",
-            "deformable similarity: lncc (same contrast), mind (different contrasts) or auto",
-            choices=("auto", "lncc", "mind"),
+            "deformable similarity: lncc (same contrast), mapped (different contrasts: moving "
+            "intensities mapped to the fixed ones, then lncc), mind (MIND-SSC) or auto",
+            choices=("auto", "lncc", "mapped", "mind"),
         ),
         OptionSpec(
             "budget",
