@@ -328,7 +328,29 @@ def _validate_inference(data: Any) -> dict[str, Any]:
         isinstance(f, list) and all(isinstance(d, int) and 2 <= d <= 4 for d in f) for f in flips
     ):
         raise _fail("inference.flips", "lists of tensor dims 2, 3 or 4", flips)
+    _validate_refinement(data.get("refinement"))
     return {**data, "patch_size": patch, "overlap": float(overlap), "flips": flips}
+
+
+REFINEMENT_METHODS = ("gaussian-mixture",)
+
+
+def _validate_refinement(refinement: Any) -> None:
+    """`inference.refinement`: the per-image mixture a tissue model's output goes through."""
+    if refinement is None:
+        return
+    if not isinstance(refinement, dict) or refinement.get("method") not in REFINEMENT_METHODS:
+        raise _fail(
+            "inference.refinement", f"an object with method {REFINEMENT_METHODS}", refinement
+        )
+    for key in ("prior_power", "final_prior_power"):
+        value = refinement.get(key, 1.0)
+        if not isinstance(value, int | float) or value < 0:
+            raise _fail(f"inference.refinement.{key}", "a number >= 0", value)
+    for key, lowest in (("bias_degree", 0), ("iterations", 1)):
+        value = refinement.get(key, lowest)
+        if not isinstance(value, int) or value < lowest:
+            raise _fail(f"inference.refinement.{key}", f"a whole number >= {lowest}", value)
 
 
 def _validate_weights(data: Any) -> dict[str, Any]:

@@ -237,6 +237,14 @@ def segment(
         cancel,
     )
     check_cancel(cancel)
+    refinement = output.card.get("inference", {}).get("refinement")
+    if refinement:
+        # The brain is the mask where there is one, else what the network calls foreground.
+        region = mask if mask is not None else np.argmax(output.probabilities, axis=0) > 0
+        progress(0.97, "Fitting the tissue intensities of this image (Gaussian mixture)")
+        output = _refine_with_mixture(working, output, region, refinement)
+        provenance["refinement"] = dict(refinement)
+    check_cancel(cancel)
     provenance["models"].append(_model_provenance(output.card))
     if not csf:
         provenance["mask"] = "tight (no CSF around the brain)"
@@ -306,6 +314,33 @@ def _run_model(
         per_class = _back_to_input_grid(result.uncertainty[0].numpy(), model_grid, steps, trace)
         spread = per_class.max(axis=0)
     return _ModelOutput(class_probabilities, spread, card)
+
+
+def _refine_with_mixture(
+    image: sitk.Image, output: _ModelOutput, mask: np.ndarray, refinement: dict[str, Any]
+) -> _ModelOutput:
+    """The card's per-image mixture (`deepmri.mixture`) redraws the classes inside the brain.
+
+    Channel 0 (background) is left out inside the brain: every brain voxel is one of the tissue
+    classes, with the network's probabilities as the prior and the image deciding the boundary.
+    """
+    from deepmri.mixture import MixtureSettings, refine_with_mixture
+
+    intensities = sitk.GetArrayViewFromImage(image)[mask]
+    indices = np.argwhere(mask)[:, ::-1].astype(np.float64)  # (i, j, k) order, as ITK indexes
+    matrix = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    coordinates = indices @ matrix.T + np.asarray(image.GetOrigin())
+    tissue = output.probabilities[1:, mask].T
+    posterior = refine_with_mixture(
+        intensities,
+        tissue,
+        coordinates,
+        MixtureSettings.from_card(refinement),
+    )
+    probabilities = output.probabilities.copy()
+    probabilities[:, mask] = 0.0
+    probabilities[1:, mask] = posterior.T.astype(probabilities.dtype)
+    return _ModelOutput(probabilities, output.uncertainty, output.card)
 
 
 def _back_to_input_grid(
