@@ -8,8 +8,9 @@ are identical for every method. Every deformable method starts from the same Dee
 moving image resampled through it), so the figures compare the deformable stages. Each method runs
 in its own process, several side by side (`--workers`), and reports the wall and the CPU seconds
 of its own call; on a shared machine CPU seconds are the fairer comparison. Peers run where they are
-installed (`pip install deepmri[peers]`) and are skipped with a printed reason otherwise.
-Last line: JSON.
+installed (`pip install deepmri[peers]`) and are skipped with a printed reason otherwise;
+`--reuse-peers` takes the figures of the peers not run from an earlier run's `results.json`, for
+each pair whose DeepMRI affine is unchanged. Last line: JSON.
 
     OMP_NUM_THREADS=1 python Testing/benchmarks/eval_registration.py --threads 1 --workers 2 \\
         [--write-docs Docs/evaluation-registration.md]
@@ -286,6 +287,43 @@ def run_job(method: str, pair: str, paths: dict[str, str], threads: int, output:
     return results
 
 
+def same_affine(first: Path, second: Path) -> bool:
+    """Whether two written affines are the same transform (parameters to 1e-9)."""
+    if not (first.exists() and second.exists()):
+        return False
+    a, b = sitk.ReadTransform(str(first)), sitk.ReadTransform(str(second))
+    return np.allclose(a.GetParameters(), b.GetParameters(), rtol=0, atol=1e-9) and np.allclose(
+        a.GetFixedParameters(), b.GetFixedParameters(), rtol=0, atol=1e-9
+    )
+
+
+def reusable_peer_results(previous: Path, output: Path, pair: str, peers: list[str]) -> dict:
+    """A previous run's peer figures for `pair`, if that run's peers started where these would.
+
+    Every input is made the same way each run and DeepMRI's affine is reproducible, so a peer's
+    result depends only on that affine (the known-warp pair starts from the identity). Seconds
+    reused this way come from the earlier run's machine load: say so when reporting them.
+    """
+    if pair != "_synthetic" and not same_affine(
+        previous / f"affine{pair}.tfm", output / f"affine{pair}.tfm"
+    ):
+        return {}
+    stored = json.loads((previous / "results.json").read_text(encoding="utf-8"))
+    figures = {}
+    for peer in peers:
+        keys = [
+            key
+            for key in stored
+            if key.endswith(f"_{peer}{pair}") and not key.startswith("epe_mm_")
+        ]
+        if pair == "_synthetic":
+            keys.append(f"epe_mm_{peer}")
+        found = {key: stored[key] for key in keys if stored.get(key) is not None}
+        if found:
+            figures.update(found)
+    return figures
+
+
 def main() -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -298,6 +336,13 @@ def main() -> None:
     parser.add_argument("--write-docs", default=None)
     parser.add_argument(
         "--spacing", type=float, default=1.0, help="resample both images first (a quick smoke run)"
+    )
+    parser.add_argument(
+        "--reuse-peers",
+        default=None,
+        help="a previous run's --output folder (with its results.json): the figures of the "
+        "peers not run this time (not in --peers) are taken from it, for each pair whose DeepMRI "
+        "affine is the same as this run's",
     )
     arguments = parser.parse_args()
     output = Path(arguments.output or tempfile.mkdtemp(prefix="eval-registration-"))
@@ -323,16 +368,32 @@ def main() -> None:
             run_job, method, pair, paths, arguments.threads, str(output)
         ), f"{method}{pair}"
 
+    previous = Path(arguments.reuse_peers) if arguments.reuse_peers else None
+
+    def reused(pair: str) -> dict:
+        if previous is None:
+            return {}
+        others = [name for name in PEER_MODULES if name not in available]
+        figures = reusable_peer_results(previous, output, pair, others)
+        print(f"reused from {previous} for pair '{pair}':", json.dumps(figures), flush=True)
+        return figures
+
     with ProcessPoolExecutor(arguments.workers, mp_context=context) as pool:
         first = [submit(pool, "deepmri", pair) for pair in ("", "_xcontrast")]
         later = [submit(pool, "deepmri", "_synthetic")]
-        if "syn" in available:
+        results.update(reused("_synthetic"))
+        if "syn" in available and "epe_mm_syn" not in results:
             later.append(submit(pool, "syn", "_synthetic"))
         for future, name in first:
             results.update(future.result())
             print(name, json.dumps(future.result()), flush=True)
-        for method in available:
-            later += [submit(pool, method, pair) for pair in ("", "_xcontrast")]
+        for pair in ("", "_xcontrast"):
+            results.update(reused(pair))
+            later += [
+                submit(pool, method, pair)
+                for method in available
+                if f"dice_tissue_{method}{pair}" not in results
+            ]
         for future, name in later:
             try:
                 results.update(future.result())
@@ -350,6 +411,7 @@ def main() -> None:
                     results[f"{kind}_syn{pair}"] / results[f"{kind}_deformable{pair}"], 2
                 )
     print("overlays:", output, flush=True)
+    (output / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     if arguments.write_docs:
         write_docs(Path(arguments.write_docs), results, arguments)
     print(
@@ -416,6 +478,8 @@ def write_docs(path: Path, results: dict, arguments) -> None:
         "OMP_NUM_THREADS=1 python Testing/benchmarks/eval_registration.py "
         f"--threads {arguments.threads} --workers {arguments.workers}"
     )
+    if arguments.reuse_peers:
+        command += f" --peers {arguments.peers} --reuse-peers PREVIOUS_OUTPUT"
     block = f"{marker}\n{table}\n\nCommand: `{command}`\n\n```json\n{json.dumps(results, indent=1)}\n```\n{marker}"
     if text.count(marker) >= 2:
         start, end = text.index(marker), text.rindex(marker) + len(marker)
