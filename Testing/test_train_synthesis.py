@@ -154,3 +154,54 @@ def test_warm_start_from_a_missing_file_is_one_error_before_any_run(tmp_path):
     out = tmp_path / "run"
     code = main(["train", "synthesize", "--out", str(out), "--init-from", str(tmp_path / "x.pt")])
     assert code == 2 and not out.exists()
+
+
+def test_tissue_prior_model_starts_at_the_prior_and_the_task_makes_the_same_prior(tmp_path):
+    """`--tissue-prior`: iteration 0 is the prior itself, and the task rebuilds it from the card."""
+    import SimpleITK as sitk
+    from deepmri.models import ModelStore
+    from deepmri.settings import Settings
+    from deepmri.tasks.synthesize import synthesize
+    from deepmri.train.synthesize import brain_psnr, with_prior
+
+    torch.set_num_threads(1)
+    recipe = SynthesisRecipe(
+        target="FLAIR",
+        grid_shape=SMALL.shape,
+        spacing=SMALL.spacing,
+        patch=(32, 32, 32),
+        channels=(4, 8),
+        strides=(2,),
+        validate_every=1,
+        validation_subjects=1,
+        prior_subjects=2,
+        tissue_prior=True,
+        iterations=0,
+        minutes=5.0,
+    )
+    state = train(recipe, tmp_path / "run", log=lambda line: None)
+    assert state["iteration"] == 0 and len(state["history"]) == 1
+    table = state["prior"]["table"]
+    assert table[0] < table[2] < table[1]  # FLAIR: CSF nulled, WM below GM (least squares)
+    image, target, subject = make_pair(900_000_000, "T1w", "FLAIR", SMALL)
+    prior = with_prior(image, subject.brain, state["prior"])[1]
+    psnr = brain_psnr(prior, target, subject.brain)
+    assert state["history"][0]["validation_psnr"] == pytest.approx(psnr, abs=1e-2)
+    generator = load_generator(recipe, tmp_path / "run" / "best_generator.pt")
+    card = card_for(recipe, state, "test")
+    assert card["input"]["channels"] == 2 and card["input"]["prior"]["table"] == table
+    card["id"] = "test-prior-flair"  # not the bundled t1w-to-flair's id
+    save_model(generator, card, tmp_path / "models" / "test-prior-flair")
+    store = ModelStore(Settings(home=tmp_path / "home"), extra_paths=(tmp_path / "models",))
+    raw = sitk.GetImageFromArray(np.where(subject.brain, subject.images["T1w"], 0.0))
+    raw.CopyInformation(subject.reference)
+    result = synthesize(raw, "FLAIR", "test-prior-flair", skull_stripped=True, store=store)
+    synthetic = sitk.GetArrayFromImage(result.image)
+    assert synthetic.shape == prior.shape
+    np.testing.assert_allclose(synthetic[subject.brain], prior[subject.brain], atol=2e-3)
+    # A few steps of training move it away from the prior (the zero head learns).
+    recipe.iterations = 3
+    moved = train(recipe, tmp_path / "run", log=lambda line: None, resume=True)
+    assert moved["iteration"] == 3 and moved["prior"] == state["prior"]
+    head = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["generator"]
+    assert head["head.weight"].abs().max() > 0

@@ -26,7 +26,7 @@ from deepmri import data
 from deepmri.errors import ModelError
 from deepmri.simulate import LESION
 from deepmri.tasks.segment_classical import classical_tissue
-from deepmri.tasks.synthesize import DEFAULT_MODELS, synthesize
+from deepmri.tasks.synthesize import DEFAULT_MODELS, synthesize, tissue_prior
 from deepmri.train.synthesize import TEST_SEEDS, Grid, make_pair
 from scipy import ndimage
 from skimage.metrics import structural_similarity
@@ -116,29 +116,44 @@ def installed_model(target: str) -> str | None:
         return None
 
 
+def model_prior(target: str) -> dict | None:
+    """The card's `input.prior` of the installed model (a network that corrects a prior)."""
+    from deepmri.models import ModelStore
+
+    try:
+        return ModelStore().get(DEFAULT_MODELS[target]).card.input.get("prior")
+    except ModelError:
+        return None
+
+
 def evaluate_simulated(subjects: int, baseline_subjects: int, results: dict, notes: dict) -> dict:
     examples = {}
     for key, source, target in PAIRS:
         baseline = PerTissueBaseline(source, target, baseline_subjects)
         model = installed_model(target)
-        scores: dict[str, list[float]] = {"net": [], "base": []}
-        metrics = {name: {"net": [], "base": []} for name in ("psnr", "ssim", "mae")}
+        # A model that corrects a per-tissue prior: the prior alone is scored too ("prior_"),
+        # so the table says what the network adds to its own starting point.
+        prior = model_prior(target) if model else None
+        metrics = {name: {"net": [], "base": [], "prior": []} for name in ("psnr", "ssim", "mae")}
         for index in range(subjects):
             image, truth, subject = make_pair(TEST_SEEDS + index, source, target, GRID)
             brain = subject.brain
             predictions = {"base": baseline(image, brain)}
             if model:
                 predictions["net"] = network_prediction(model, subject, source, target)
+            if prior:
+                predictions["prior"] = tissue_prior(image, brain, prior)
             for which, prediction in predictions.items():
                 metrics["psnr"][which].append(psnr(prediction, truth, brain))
                 metrics["ssim"][which].append(ssim(prediction, truth, brain))
                 metrics["mae"][which].append(mae(prediction, truth, brain))
             if index == 0:
                 examples[key] = (image, truth, predictions, brain)
-        del scores
         for name, values in metrics.items():
             results[f"baseline_{name}_{key}"] = float(np.mean(values["base"]))
             results[f"{name}_{key}"] = float(np.mean(values["net"])) if model else None
+            if prior:
+                results[f"prior_{name}_{key}"] = float(np.mean(values["prior"]))
         if not model:
             notes[key] = f"no {source} -> {target} model is installed ({DEFAULT_MODELS[target]})"
     return examples
@@ -228,10 +243,8 @@ def save_pictures(simulated, colin, lesion, folder: Path) -> list[str]:
     if "t2w" in simulated:
         image, truth, predictions, brain = simulated["t2w"]
         rows = [("input T1w", image), ("truth T2w", truth)]
-        rows += [
-            (f"{'network' if k == 'net' else 'per-tissue baseline'}", v)
-            for k, v in predictions.items()
-        ]
+        titles = {"net": "network", "base": "per-tissue baseline", "prior": "network's prior"}
+        rows += [(titles[k], v) for k, v in predictions.items()]
         centre = [n // 2 for n in image.shape]
         figure, axes = plt.subplots(3, len(rows), figsize=(2.6 * len(rows), 7.5))
         for column, (title, volume) in enumerate(rows):
@@ -347,6 +360,17 @@ def update_cards(results: dict, argv: list[str] | None) -> None:
             }
             for name, key in entries
             if results.get(key) is not None
+        ]
+        # A network on a per-tissue prior: the prior alone beside it (what the network adds).
+        metrics += [
+            {
+                "name": f"{name}_heldout_simulated_prior_alone",
+                "value": round(results[f"prior_{key}"], 4),
+                "dataset": dataset,
+                "command": command,
+            }
+            for name, key in entries
+            if results.get(f"prior_{key}") is not None
         ]
         lesion_key = {"T2w": "lesion_contrast_ok_t2w", "FLAIR": "lesion_contrast_ok_flair"}.get(
             target

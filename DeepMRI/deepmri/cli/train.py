@@ -141,6 +141,17 @@ def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
         action="store_true",
         help="compute the loss on brain voxels only (the task sets the outside to 0)",
     )
+    synthesize.add_argument(
+        "--tissue-prior",
+        action="store_true",
+        help="give the network the per-tissue prior as a second channel and learn a correction",
+    )
+    synthesize.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="run length in iterations (the schedule follows it; --minutes still stops early)",
+    )
     synthesize.add_argument("--export", type=Path, help="write the best weights as a model folder")
     synthesize.add_argument("--source-dir", type=Path, help="a site's own inputs (brain-only)")
     synthesize.add_argument(
@@ -167,6 +178,8 @@ def _synthesize(arguments: argparse.Namespace) -> int:
         select=arguments.select,
         init_from=arguments.init_from,
         loss_inside_brain=arguments.loss_inside_brain,
+        tissue_prior=arguments.tissue_prior,
+        iterations=arguments.iterations,
         export=arguments.export,
         source_dir=arguments.source_dir,
         target_dir=arguments.target_dir,

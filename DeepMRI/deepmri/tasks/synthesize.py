@@ -184,7 +184,16 @@ def _run_model(image, model, device, precision, mask, with_uncertainty, progress
     # (the same image with or without the uncertainty map); otherwise flips run only for the map.
     averaged = bool(card.inference.get("average_flips"))
     flips = card.inference.get("flips", []) if (with_uncertainty or averaged) else []
-    tensor = torch.from_numpy(sitk.GetArrayFromImage(model_grid))[None, None]
+    values = sitk.GetArrayFromImage(model_grid)
+    prior = card.input.get("prior")
+    if prior:
+        # Models with a per-tissue prior take it as a second channel (card `input.prior`).
+        progress(0.02, "Tissue prior (Gaussian mixture) on the model grid")
+        brain = _model_grid_brain(mask, image, card, model_grid)
+        values = np.stack([values, tissue_prior(values, brain, prior)])
+        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None]
+    else:
+        tensor = torch.from_numpy(values)[None, None]
     result = engine.infer(
         network,
         tensor,
@@ -209,6 +218,53 @@ def _run_model(image, model, device, precision, mask, with_uncertainty, progress
         back.append(np.where(mask, values, 0.0) if mask is not None else values)
     output = np.clip(back[0], 0.0, None)
     return output, (back[1] if len(back) > 1 else None)
+
+
+def tissue_posteriors(image: np.ndarray, brain: np.ndarray, *, invert: bool = False, seed: int = 0):
+    """CSF/GM/WM posteriors (N, 3) of the brain voxels: a 3-class Gaussian mixture on intensity.
+
+    The same mixture as the per-tissue baseline (`classical_tissue`: up to 200,000 voxels fit,
+    classes ordered by mean, darkest = CSF on T1 contrast; `invert` for T2-like inputs), soft.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    values = np.asarray(image, dtype=np.float64)[brain].reshape(-1, 1)
+    if invert:
+        values = -values
+    rng = np.random.default_rng(seed)
+    fit = values[rng.choice(len(values), size=min(len(values), 200_000), replace=False)]
+    mixture = GaussianMixture(n_components=3, random_state=seed).fit(fit)
+    order = np.argsort(mixture.means_.ravel())
+    return mixture.predict_proba(values)[:, order]
+
+
+def tissue_prior(image: np.ndarray, brain: np.ndarray, prior: dict[str, Any]) -> np.ndarray:
+    """The per-tissue prior of a normalised input: posteriors times the card's tissue table.
+
+    `prior` is a card's `input.prior`: `table` (mean target intensity of CSF, GM, WM, fitted on
+    simulated training subjects by least squares) and `invert`. Zero outside `brain`.
+
+    Examples:
+        >>> image = np.zeros((8, 8, 8), np.float32); brain = image == 0
+        >>> image[:, :, 3:5], image[:, :, 5:] = 0.5, 1.0
+        >>> out = tissue_prior(image, brain, {"table": [0.2, 1.0, 0.8]})
+        >>> [round(float(out[0, 0, k]), 2) for k in (0, 4, 7)]
+        [0.2, 1.0, 0.8]
+    """
+    out = np.zeros(np.shape(image), dtype=np.float32)
+    if brain.sum() >= 3:
+        posteriors = tissue_posteriors(image, brain, invert=bool(prior.get("invert", False)))
+        out[brain] = posteriors @ np.asarray(prior["table"], dtype=np.float64)
+    return out
+
+
+def _model_grid_brain(mask, image, card, model_grid) -> np.ndarray:
+    """The brain on the model grid: the mask through the card's geometric steps (no intensity)."""
+    if mask is None:
+        return sitk.GetArrayFromImage(model_grid) > 0
+    mask_image = _like(mask.astype(np.float32), image)
+    on_grid, _ = preprocess.from_card(card.preprocessing, None, normalise=False)(mask_image)
+    return sitk.GetArrayFromImage(on_grid) > 0.5
 
 
 def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:

@@ -58,13 +58,35 @@ class SynthesisRecipe:
     # Loss over brain voxels only: the task sets the outside to 0 anyway, and a loss that also
     # asks for 0 just outside makes the network darken the (CSF-bright on T2w) brain border.
     loss_inside_brain: bool = False
+    # A per-tissue prior as a second input channel, the output a correction added to it
+    # (`deepmri.PriorResidualUNet`): the untrained network is the prior, a soft per-tissue
+    # baseline. Its table (CSF, GM, WM -> mean target) is fitted on `prior_subjects` training
+    # subjects by least squares and goes on the card.
+    tissue_prior: bool = False
+    prior_subjects: int = 3
+    iterations: int | None = None  # run length; the schedule follows it (else the minutes)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grid(self) -> Grid:
         return Grid(tuple(self.grid_shape), self.spacing)
 
+    @property
+    def architecture(self) -> str:
+        return "deepmri.PriorResidualUNet" if self.tissue_prior else "monai.UNet"
+
     def network_config(self) -> dict[str, Any]:
+        if self.tissue_prior:
+            return {
+                "spatial_dims": 3,
+                "in_channels": 2,
+                "features": 8,
+                "channels": list(self.channels),
+                "strides": list(self.strides),
+                "num_res_units": 1,
+                "norm": "instance",
+                "prior_channel": 1,
+            }
         return {
             "spatial_dims": 3,
             "in_channels": 1,
@@ -164,14 +186,16 @@ def _pad_to(arrays, patch):
 
 
 def build_networks(recipe: SynthesisRecipe) -> tuple[torch.nn.Module, torch.nn.Module]:
-    from monai.networks.nets import PatchDiscriminator, UNet
+    from monai.networks.nets import PatchDiscriminator
 
-    generator = UNet(**recipe.network_config())
+    from deepmri.nets import build_network
+
+    generator = build_network(recipe.architecture, recipe.network_config())
     discriminator = PatchDiscriminator(
         spatial_dims=3,
         num_layers_d=3,
         channels=recipe.discriminator_channels,
-        in_channels=2,
+        in_channels=recipe.network_config()["in_channels"] + 1,
         out_channels=1,
         norm="INSTANCE",
     )
@@ -179,10 +203,54 @@ def build_networks(recipe: SynthesisRecipe) -> tuple[torch.nn.Module, torch.nn.M
 
 
 def _random_patch(arrays, patch, rng) -> list[torch.Tensor]:
-    shape = arrays[0].shape
+    """The same random window of each array, (1, C, *patch); arrays are (*spatial) or (C, *spatial)."""
+    shape = arrays[-1].shape
     start = [int(rng.integers(0, max(n - p, 0) + 1)) for n, p in zip(shape, patch, strict=True)]
-    window = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
-    return [torch.from_numpy(np.ascontiguousarray(a[window]))[None, None] for a in arrays]
+    window = (Ellipsis, *(slice(s, s + p) for s, p in zip(start, patch, strict=True)))
+    return [_batch(a[window]) for a in arrays]
+
+
+def _batch(array: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return tensor[None, None] if tensor.ndim == 3 else tensor[None]
+
+
+def fit_prior_table(recipe: SynthesisRecipe) -> list[float]:
+    """CSF, GM, WM mean target intensities: least squares of the target on the posteriors.
+
+    Fitted on the first `prior_subjects` training subjects of the run's seed (never validation
+    or held-out subjects).
+    """
+    from deepmri.tasks.synthesize import tissue_posteriors
+
+    rows, values = [], []
+    for index in range(recipe.prior_subjects):
+        seed = TRAIN_SEEDS + recipe.seed * 1_000_000 + index
+        image, target, subject = make_pair(seed, recipe.source, recipe.target, recipe.grid)
+        rows.append(tissue_posteriors(image, subject.brain, invert=recipe.source != "T1w"))
+        values.append(target[subject.brain])
+    table = np.linalg.lstsq(np.concatenate(rows), np.concatenate(values), rcond=None)[0]
+    return [round(float(value), 6) for value in table]
+
+
+def prior_spec(recipe: SynthesisRecipe, table: list[float]) -> dict[str, Any]:
+    """The card's `input.prior`: how the task computes the prior channel at inference."""
+    return {
+        "method": "gmm-tissue-posteriors",
+        "classes": ["csf", "gm", "wm"],
+        "table": list(table),
+        "invert": recipe.source != "T1w",
+        "channel": 1,
+    }
+
+
+def with_prior(image: np.ndarray, brain: np.ndarray, prior: dict[str, Any] | None) -> np.ndarray:
+    """The network input: the normalised image, and its per-tissue prior as channel 1 if any."""
+    if not prior:
+        return image
+    from deepmri.tasks.synthesize import tissue_prior
+
+    return np.stack([image, tissue_prior(image, brain, prior)]).astype(np.float32)
 
 
 def brain_mae(prediction: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> float:
@@ -213,9 +281,7 @@ def predict(
     """The generator on a normalised volume in tiles, as the task runs it (engine, CPU)."""
     from deepmri import engine
 
-    result = engine.infer(
-        generator, torch.from_numpy(image)[None, None], roi_size=patch, device="cpu", flips=flips
-    )
+    result = engine.infer(generator, _batch(image), roi_size=patch, device="cpu", flips=flips)
     spread = None if result.uncertainty is None else result.uncertainty[0, 0].numpy()
     return result.prediction[0, 0].numpy(), spread
 
@@ -241,13 +307,6 @@ def train(
     opt_g = torch.optim.Adam(generator.parameters(), recipe.learning_rate, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), recipe.learning_rate, betas=(0.5, 0.999))
     grid = recipe.grid
-    if pairs is not None:
-        validation = pairs.validation
-    else:
-        validation = [
-            make_pair(VALIDATION_SEEDS + i, recipe.source, recipe.target, grid)
-            for i in range(recipe.validation_subjects)
-        ]
     checkpoint = out / "checkpoint.pt"
     state: dict[str, Any] = {"iteration": 0, "minutes": 0.0, "best": None, "history": []}
     if resume and checkpoint.exists():
@@ -257,10 +316,64 @@ def train(
         opt_g.load_state_dict(saved["opt_g"])
         opt_d.load_state_dict(saved["opt_d"])
         state = json.loads(saved["state"])
+    if recipe.tissue_prior and not state.get("prior"):
+        state["prior"] = prior_spec(recipe, fit_prior_table(recipe))
+        log(json.dumps({"prior": state["prior"]}))
+    prior = state.get("prior")
+    if pairs is not None:
+        validation = pairs.validation
+    else:
+        validation = [
+            make_pair(VALIDATION_SEEDS + i, recipe.source, recipe.target, grid)
+            for i in range(recipe.validation_subjects)
+        ]
+    validation = [(with_prior(x, s.brain, prior), y, s) for x, y, s in validation]
     budget = recipe.minutes * 60.0
     started = time.monotonic() - state["minutes"] * 60.0
+
+    def validate(loss_l1: float | None, adversarial: bool) -> None:
+        generator.eval()
+        maes, psnrs = [], []
+        for x, y, s in validation:
+            prediction = predict(generator, x, recipe.patch)[0]
+            maes.append(brain_mae(prediction, y, s.brain))
+            psnrs.append(brain_psnr(prediction, y, s.brain))
+        generator.train()
+        state["minutes"] = (time.monotonic() - started) / 60.0
+        entry = {
+            "iteration": state["iteration"],
+            "minutes": round(state["minutes"], 2),
+            "l1": None if loss_l1 is None else round(loss_l1, 4),
+            "validation_mae": round(float(np.mean(maes)), 4),
+            "validation_psnr": round(float(np.mean(psnrs)), 3),
+            "adversarial": adversarial,
+        }
+        state["history"].append(entry)
+        log(json.dumps(entry))
+        if state["best"] is None or _better(entry, state["best"], recipe.select):
+            state["best"] = entry
+            torch.save(generator.state_dict(), out / "best_generator.pt")
+        torch.save(
+            {
+                "generator": generator.state_dict(),
+                "discriminator": discriminator.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "state": json.dumps(state),
+            },
+            checkpoint,
+        )
+
+    if recipe.tissue_prior and state["iteration"] == 0 and not state["history"]:
+        validate(None, False)  # iteration 0: the prior alone (the head starts at zero)
+
+    def running() -> bool:
+        if recipe.iterations is not None and state["iteration"] >= recipe.iterations:
+            return False
+        return time.monotonic() - started < budget
+
     pair = None
-    while time.monotonic() - started < budget:
+    while running():
         iteration = state["iteration"]
         if pair is None or iteration % PATCHES_PER_SUBJECT == 0:
             seed = TRAIN_SEEDS + recipe.seed * 1_000_000 + iteration // PATCHES_PER_SUBJECT
@@ -268,9 +381,13 @@ def train(
                 pair = pairs.pair(iteration // PATCHES_PER_SUBJECT)
             else:
                 pair = make_pair(seed, recipe.source, recipe.target, grid)
+            pair = (with_prior(pair[0], pair[2].brain, prior), pair[1], pair[2])
         arrays = [pair[0], pair[1], pair[2].brain.astype(np.float32)]
         source, target, inside = _random_patch(arrays, recipe.patch, rng)
-        elapsed = (time.monotonic() - started) / budget
+        if recipe.iterations is not None:
+            elapsed = iteration / recipe.iterations
+        else:
+            elapsed = (time.monotonic() - started) / budget
         adversarial = recipe.adversarial_weight if elapsed > recipe.warmup_fraction else 0.0
         if recipe.cosine_after is not None and elapsed > recipe.cosine_after:
             # Cosine decay to zero over the rest of the time budget (the validation MAE of a
@@ -302,38 +419,7 @@ def train(
             opt_d.step()
         state["iteration"] = iteration + 1
         if state["iteration"] % recipe.validate_every == 0:
-            generator.eval()
-            maes, psnrs = [], []
-            for x, y, s in validation:
-                prediction = predict(generator, x, recipe.patch)[0]
-                maes.append(brain_mae(prediction, y, s.brain))
-                psnrs.append(brain_psnr(prediction, y, s.brain))
-            generator.train()
-            mae = float(np.mean(maes))
-            state["minutes"] = (time.monotonic() - started) / 60.0
-            entry = {
-                "iteration": state["iteration"],
-                "minutes": round(state["minutes"], 2),
-                "l1": round(loss_l1.item(), 4),
-                "validation_mae": round(mae, 4),
-                "validation_psnr": round(float(np.mean(psnrs)), 3),
-                "adversarial": adversarial > 0,
-            }
-            state["history"].append(entry)
-            log(json.dumps(entry))
-            if state["best"] is None or _better(entry, state["best"], recipe.select):
-                state["best"] = entry
-                torch.save(generator.state_dict(), out / "best_generator.pt")
-            torch.save(
-                {
-                    "generator": generator.state_dict(),
-                    "discriminator": discriminator.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "state": json.dumps(state),
-                },
-                checkpoint,
-            )
+            validate(loss_l1.item(), adversarial > 0)
     state["minutes"] = (time.monotonic() - started) / 60.0
     (out / "training.json").write_text(
         json.dumps({"recipe": asdict(recipe), **state}, indent=1), encoding="utf-8"
@@ -364,9 +450,16 @@ def card_for(recipe: SynthesisRecipe, state: dict[str, Any], command: str) -> di
             f"Synthetic {recipe.target} from a skull-stripped {recipe.source} brain MRI. "
             "Trained on SIMULATED images only (MR physics simulator on the MNI152 2009a tissue "
             "maps); never trained or checked on real paired scans. The output is synthetic."
+            + (
+                " The network adds a learnt correction to a per-tissue prior computed from the "
+                "input (Gaussian-mixture tissue posteriors times each tissue's mean target "
+                "intensity, card input.prior)."
+                if recipe.tissue_prior
+                else ""
+            )
         ),
-        "architecture": {"name": "monai.UNet", "config": recipe.network_config()},
-        "input": {"contrasts": [recipe.source], "channels": 1},
+        "architecture": {"name": recipe.architecture, "config": recipe.network_config()},
+        "input": _card_input(recipe, state),
         "output": {
             "contrast": recipe.target,
             "scale": "target scaled so its 99.5th percentile inside the brain is 1",
@@ -417,6 +510,17 @@ def card_for(recipe: SynthesisRecipe, state: dict[str, Any], command: str) -> di
     }
 
 
+def _card_input(recipe: SynthesisRecipe, state: dict[str, Any]) -> dict[str, Any]:
+    """What the network takes: the normalised source, and with a prior how the task makes it."""
+    if not recipe.tissue_prior:
+        return {"contrasts": [recipe.source], "channels": 1}
+    return {
+        "contrasts": [recipe.source, "prior"],
+        "channels": 2,
+        "prior": state["prior"],
+    }
+
+
 def _target_protocol(target: str) -> dict[str, Any]:
     from deepmri.simulate import PROTOCOLS
 
@@ -439,6 +543,8 @@ def run_recipe(
     select: str = "mae",
     init_from: Path | None = None,
     loss_inside_brain: bool = False,
+    tissue_prior: bool = False,
+    iterations: int | None = None,
     export: Path | None = None,
     source_dir: Path | None = None,
     target_dir: Path | None = None,
@@ -461,6 +567,8 @@ def run_recipe(
         select=select,
         init_from=str(init_from) if init_from else None,
         loss_inside_brain=loss_inside_brain,
+        tissue_prior=tissue_prior,
+        iterations=iterations,
     )
     if init_from and not Path(init_from).exists():
         raise DeepMRIError(f"--init-from {init_from}: no such file or model folder.")
