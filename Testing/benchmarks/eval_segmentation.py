@@ -356,9 +356,15 @@ def colin27_grey_volume(device: str | None, results: dict[str, float]) -> None:
     voxel_ml = float(np.prod(head.GetSpacing())) / 1000.0
     results["gm_volume_ml_colin27"] = float((labels == 2).sum() * voxel_ml)
     results["wm_volume_ml_colin27"] = float((labels == 3).sum() * voxel_ml)
+    # Colin27 lives in MNI305 space (larger than the native head), so the share of grey matter
+    # in GM + WM is the figure that compares with adult brains regardless of that scaling.
+    results["gm_fraction_colin27"] = results["gm_volume_ml_colin27"] / max(
+        results["gm_volume_ml_colin27"] + results["wm_volume_ml_colin27"], 1e-6
+    )
     print(
         f"Colin27 tissue volumes: GM {results['gm_volume_ml_colin27']:.0f} mL, "
-        f"WM {results['wm_volume_ml_colin27']:.0f} mL"
+        f"WM {results['wm_volume_ml_colin27']:.0f} mL, "
+        f"GM / (GM + WM) {results['gm_fraction_colin27']:.3f}"
     )
 
 
