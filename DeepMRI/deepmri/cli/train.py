@@ -219,6 +219,9 @@ def _add_superresolve(tasks: argparse._SubParsersAction) -> None:
     superresolve.add_argument(
         "--export-only", action="store_true", help="only export OUT's best weights to --export"
     )
+    superresolve.add_argument(
+        "--model-version", default="0.1.0", help="the exported card's version"
+    )
     superresolve.set_defaults(handler=_superresolve)
 
 
@@ -242,6 +245,7 @@ def _superresolve(arguments: argparse.Namespace) -> int:
         export_to=arguments.export,
         export_only=arguments.export_only,
         command=_command_line(),
+        version=arguments.model_version,
     )
     if state:
         print(f"trained {state['iteration']} iterations; best validation gain {state['best']}")

@@ -352,11 +352,22 @@ def train(
     return state
 
 
-def card_for(recipe: SuperResolveRecipe, state: dict[str, Any], command: str) -> dict[str, Any]:
-    """The model card of the trained network (weights filled in by `save_model`)."""
+def card_for(
+    recipe: SuperResolveRecipe,
+    state: dict[str, Any],
+    command: str,
+    version: str = "0.1.0",
+    commands: list[str] | None = None,
+) -> dict[str, Any]:
+    """The model card of the trained network (weights filled in by `save_model`).
+
+    `commands`: the whole chain that made the weights (first run, resumes), oldest first; the
+    iterations and minutes in the state are already cumulative over it.
+    """
+    chain = {"commands": list(commands)} if commands else {}
     return {
         "id": MODEL_ID,
-        "version": "0.1.0",
+        "version": version,
         "task": "super-resolution",
         "description": (
             "Thick-slice MRI to thin slices along the through-plane axis (factors 2-6, Gaussian or "
@@ -395,6 +406,7 @@ def card_for(recipe: SuperResolveRecipe, state: dict[str, Any], command: str) ->
                 "or ch2better (the evaluation volumes)."
             ),
             "command": command,
+            **chain,
             "recipe": asdict(recipe),
             "iterations": state["iteration"],
             "minutes": round(state["seconds"] / 60.0, 1),
@@ -417,7 +429,14 @@ def card_for(recipe: SuperResolveRecipe, state: dict[str, Any], command: str) ->
     }
 
 
-def export(recipe: SuperResolveRecipe, out: Path, folder: Path, command: str) -> Path:
+def export(
+    recipe: SuperResolveRecipe,
+    out: Path,
+    folder: Path,
+    command: str,
+    version: str = "0.1.0",
+    commands: list[str] | None = None,
+) -> Path:
     """Save OUT's best weights (fp16 safetensors) and card to `folder`."""
     from deepmri.models import save_model
 
@@ -432,7 +451,13 @@ def export(recipe: SuperResolveRecipe, out: Path, folder: Path, command: str) ->
     )
     network = ThickSliceNet3d(recipe.width, recipe.depth)
     network.load_state_dict(torch.load(Path(out) / "best.pt", weights_only=True))
-    card = card_for(recipe, state, state.get("command") or command)
+    card = card_for(
+        recipe,
+        state,
+        state.get("command") or command,
+        version=version,
+        commands=commands or state.get("commands"),
+    )
     return save_model(network.eval(), card, folder).path
 
 
@@ -455,6 +480,7 @@ def run_recipe(
     export_only: bool = False,
     command: str = "",
     volumes: list[TrainingVolume] | None = None,
+    version: str = "0.1.0",
 ) -> dict[str, Any]:
     """`deepmri train superresolve`: train (or resume), then export the best weights if asked."""
     torch.set_num_threads(threads)
@@ -474,13 +500,24 @@ def run_recipe(
     if not export_only:
         if volumes is None:
             volumes = training_volumes(Path(cache_dir or out / "cache"))
+        before = _commands_so_far(out) if resume else []
         state = train(recipe, out, volumes, resume=resume)
         saved = json.loads((out / "training.json").read_text(encoding="utf-8"))
         saved["command"] = command
+        saved["commands"] = [*before, command]
         (out / "training.json").write_text(json.dumps(saved, indent=1), encoding="utf-8")
     if export_to is not None:
-        export(recipe, out, Path(export_to), command)
+        export(recipe, out, Path(export_to), command, version=version)
     return state
+
+
+def _commands_so_far(out: Path) -> list[str]:
+    """The commands recorded in OUT/training.json (the chain a resume continues), oldest first."""
+    path = Path(out) / "training.json"
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return list(saved.get("commands") or ([saved["command"]] if saved.get("command") else []))
 
 
 def main(argv: list[str] | None = None) -> int:
