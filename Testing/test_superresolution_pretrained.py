@@ -77,6 +77,33 @@ def test_recipe_trains_logs_validates_resumes_and_exports_a_valid_small_card(tin
     assert card.training["iterations"] == 6
 
 
+def test_run_recipe_records_the_command_chain_of_a_resumed_run(tmp_path):
+    """`deepmri train superresolve --resume` keeps the commands before it; the export has them."""
+    options = {
+        "width": 4,
+        "depth": 4,
+        "batch_size": 2,
+        "validation_patches": 4,
+        "validate_every": 2,
+        "volumes": tiny_volumes(),
+    }
+    recipe_module.run_recipe(tmp_path, iterations=2, command="first", **options)
+    recipe_module.run_recipe(
+        tmp_path,
+        iterations=4,
+        resume=True,
+        command="second",
+        export_to=tmp_path / "model",
+        version="0.2.0",
+        **options,
+    )
+    assert json.loads((tmp_path / "training.json").read_text())["commands"] == ["first", "second"]
+    card = Model(tmp_path / "model").card
+    assert (card.version, card.training["iterations"]) == ("0.2.0", 4)
+    assert card.training["commands"] == ["first", "second"]
+    assert card.training["command"] == "second"
+
+
 def test_training_pairs_are_the_forward_model_then_cubic():
     """A patch's input is its truth acquired thick (profile, factor) and cubic-interpolated back:
     flat truth stays flat, and the conditioning channels say the spacing and slice phase."""
