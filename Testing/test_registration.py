@@ -16,6 +16,7 @@ from deepmri.errors import Cancelled, DeepMRIError
 from deepmri.geometry import resample_to_spacing
 from deepmri.registration import DeformableSettings, linear_register, register
 from deepmri.registration.fields import compose, folding_percent, jacobian_determinant
+from deepmri.simulate import inverted_contrast
 from deepmri.tasks import TaskResult, get_task
 
 FAST = DeformableSettings(levels_mm=(6.0, 3.0), iterations=(60, 30))
@@ -143,17 +144,6 @@ def test_deformable_recovers_a_known_warp_better_than_the_affine(
     # Measured 2.26 mm -> 0.78 mm.
     assert deformable_error < 0.5 * affine_error, (deformable_error, affine_error)
     assert deformable_result.measures["similarity"] == "lncc"
-
-
-def inverted_contrast(image: sitk.Image) -> sitk.Image:
-    """T2-like: intensities inverted inside the brain (CSF bright, WM dark), background dark."""
-    values = sitk.GetArrayFromImage(image).astype(np.float32)
-    inside = values > 0
-    high = np.percentile(values[inside], 99.5)
-    inverted = np.where(inside, np.clip(high - values, 0, None) + 0.05 * high, 0.0)
-    output = sitk.GetImageFromArray(inverted.astype(np.float32))
-    output.CopyInformation(image)
-    return output
 
 
 def test_intensity_mapping_turns_an_inverted_contrast_back(fixed):

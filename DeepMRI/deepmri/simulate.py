@@ -275,6 +275,22 @@ def simulate(
     return output
 
 
+def inverted_contrast(image: sitk.Image, region: np.ndarray | None = None) -> sitk.Image:
+    """A T2-like image from a T1 one: intensities inverted inside `region` (CSF bright, WM dark).
+
+    The evaluations' cross-contrast recipe: inside the region (default: the non-zero voxels)
+    `high - value + 0.05 high`, `high` the region's 99.5th percentile, so the darkest tissue stays
+    above the background; outside it 0. A monotone map of the T1, not a physical T2.
+    """
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    region = values > 0 if region is None else region
+    high = np.percentile(values[region], 99.5)
+    inverted = np.where(region, np.clip(high - values, 0, None) + 0.05 * high, 0.0)
+    output = sitk.GetImageFromArray(inverted.astype(np.float32))
+    output.CopyInformation(image)
+    return output
+
+
 def corrupt(image: np.ndarray, bias_strength: float, sigma: float, rng) -> np.ndarray:
     """Multiply by a smooth log-normal bias field, then add Rician noise of std `sigma`."""
     image = image.astype(np.float32)

@@ -44,20 +44,6 @@ def array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image)
 
 
-def t2_like(image: sitk.Image) -> sitk.Image:
-    """Invert intensities inside the head (CSF bright, WM dark); background stays dark.
-
-    The recipe of Testing/benchmarks/eval_segmentation.py.
-    """
-    values = array(image).astype(np.float32)
-    region = values > 0
-    high = np.percentile(values[region], 99.5)
-    inverted = np.where(region, np.clip(high - values, 0, None) + 0.05 * high, 0.0)
-    output = sitk.GetImageFromArray(inverted.astype(np.float32))
-    output.CopyInformation(image)
-    return output
-
-
 def smooth_deformation(reference: sitk.Image, amplitude_mm: float, seed: int) -> sitk.Image:
     """A random smooth displacement (control points every ~30 mm, cubic-like), LPS mm."""
     import torch
@@ -155,6 +141,7 @@ def prepare(workdir: Path, spacing: float) -> dict[str, str]:
     """Every input written once (so each job, in its own process, reads the same files)."""
     from deepmri import data
     from deepmri.registration.fields import compose
+    from deepmri.simulate import inverted_contrast
 
     fixed = sitk.Cast(data.load_mni152("t1"), sitk.sitkFloat32)
     colin = sitk.Cast(data.load_colin27("brain"), sitk.sitkFloat32)
@@ -173,7 +160,7 @@ def prepare(workdir: Path, spacing: float) -> dict[str, str]:
         "fixed_mask": fixed_mask,
         "fixed_labels": fixed_labels,
         "moving": colin,
-        "moving_xcontrast": t2_like(colin),
+        "moving_xcontrast": inverted_contrast(colin),
         "moving_labels": colin_labels,
         "moving_synthetic": sitk.Resample(fixed, fixed, compose(None, warp), sitk.sitkLinear, 0.0),
         "truth_synthetic": inverse,

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from deepmri import data
+from deepmri.simulate import inverted_contrast
 from deepmri.tasks.segment import BRAIN_EXTRACTION, BRAIN_TISSUE, segment, tight_brain
 from deepmri.tasks.segment_classical import classical_brain_mask, classical_tissue
 
@@ -51,16 +52,6 @@ def rigidly_moved(image: sitk.Image, interpolator: int) -> sitk.Image:
     transform.SetRotation((1.0, 0.4, 0.2), np.deg2rad(15.0))
     transform.SetTranslation((12.0, -12.0, 10.6))  # 20 mm in all
     return sitk.Resample(image, image, transform.GetInverse(), interpolator, 0.0)
-
-
-def t2_like(image: sitk.Image, region: np.ndarray) -> sitk.Image:
-    """Invert intensities inside `region` (CSF bright, WM dark), background stays dark."""
-    values = array(image).astype(np.float32)
-    high = np.percentile(values[region], 99.5)
-    inverted = np.where(region, np.clip(high - values, 0, None) + 0.05 * high, 0.0)
-    output = sitk.GetImageFromArray(inverted.astype(np.float32))
-    output.CopyInformation(image)
-    return output
 
 
 def thick_slices(image: sitk.Image, slice_mm: float, interpolator: int) -> sitk.Image:
@@ -121,7 +112,7 @@ def brain_cases() -> dict[str, tuple[sitk.Image, np.ndarray, Callable[[sitk.Imag
     return {
         "colin27": (head, array(mask) > 0),
         "colin27_moved": (moved, array(moved_mask) > 0),
-        "colin27_t2like": (t2_like(head, head_region(head)), array(mask) > 0),
+        "colin27_t2like": (inverted_contrast(head, head_region(head)), array(mask) > 0),
         "colin27_thick": (thick, array(thick_mask) > 0),
     }
 
@@ -132,7 +123,7 @@ def tissue_cases() -> dict[str, tuple[sitk.Image, sitk.Image, bool]]:
     labels = data.mni152_tissue_labels()
     plain, plain_labels = deformed(t1, labels, EVALUATION_SEEDS["deformed"], contrast=True)
     t2_base, t2_labels = deformed(t1, labels, EVALUATION_SEEDS["t2like"], contrast=False)
-    t2 = t2_like(t2_base, array(t2_labels) > 0)
+    t2 = inverted_contrast(t2_base, array(t2_labels) > 0)
     thick_base, thick_base_labels = deformed(t1, labels, EVALUATION_SEEDS["thick"], contrast=True)
     thick = thick_slices(thick_base, 3.0, sitk.sitkLinear)
     thick_labels = thick_slices(thick_base_labels, 3.0, sitk.sitkNearestNeighbor)
