@@ -226,15 +226,12 @@ def tissue_posteriors(image: np.ndarray, brain: np.ndarray, *, invert: bool = Fa
     The same mixture as the per-tissue baseline (`classical_tissue`: up to 200,000 voxels fit,
     classes ordered by mean, darkest = CSF on T1 contrast; `invert` for T2-like inputs), soft.
     """
-    from sklearn.mixture import GaussianMixture
+    from deepmri.tasks.segment_classical import fit_tissue_mixture
 
     values = np.asarray(image, dtype=np.float64)[brain].reshape(-1, 1)
     if invert:
         values = -values
-    rng = np.random.default_rng(seed)
-    fit = values[rng.choice(len(values), size=min(len(values), 200_000), replace=False)]
-    mixture = GaussianMixture(n_components=3, random_state=seed).fit(fit)
-    order = np.argsort(mixture.means_.ravel())
+    mixture, order = fit_tissue_mixture(values, seed)
     return mixture.predict_proba(values)[:, order]
 
 
