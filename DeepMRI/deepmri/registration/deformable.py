@@ -3,7 +3,8 @@
 The velocity lives on a grid twice as coarse as the image level it is fitted on, is integrated by
 scaling and squaring (MONAI `DVF2DDF`) into a diffeomorphic displacement and optimised with Adam
 against LNCC (same contrast; across contrasts after mapping the moving intensities onto the
-fixed ones, or MIND-SSC) plus one diffusion regulariser, coarse to fine. Torch throughout, so the same code runs on a GPU; coarse grids keep it fast on CPUs.
+fixed ones, or MIND-SSC) plus one diffusion regulariser, coarse to fine. Torch throughout, so the
+same code runs on a GPU; coarse grids keep it fast on CPUs.
 """
 
 from __future__ import annotations

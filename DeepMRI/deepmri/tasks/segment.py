@@ -244,7 +244,7 @@ def segment(
         progress(0.97, "Fitting the tissue intensities of this image (Gaussian mixture)")
         output = _refine_with_mixture(working, output, region, refinement)
         provenance["refinement"] = dict(refinement)
-    check_cancel(cancel)
+        check_cancel(cancel)
     provenance["models"].append(_model_provenance(output.card))
     if not csf:
         provenance["mask"] = "tight (no CSF around the brain)"

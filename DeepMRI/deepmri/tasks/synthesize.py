@@ -187,13 +187,10 @@ def _run_model(image, model, device, precision, mask, with_uncertainty, progress
     values = sitk.GetArrayFromImage(model_grid)
     prior = card.input.get("prior")
     if prior:
-        # Models with a per-tissue prior take it as a second channel (card `input.prior`).
         progress(0.02, "Tissue prior (Gaussian mixture) on the model grid")
-        brain = _model_grid_brain(mask, image, card, model_grid)
-        values = np.stack([values, tissue_prior(values, brain, prior)])
-        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None]
-    else:
-        tensor = torch.from_numpy(values)[None, None]
+        values = with_prior(values, _model_grid_brain(mask, image, card, model_grid), prior)
+    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    tensor = tensor[None] if prior else tensor[None, None]
     result = engine.infer(
         network,
         tensor,
@@ -253,6 +250,17 @@ def tissue_prior(image: np.ndarray, brain: np.ndarray, prior: dict[str, Any]) ->
         posteriors = tissue_posteriors(image, brain, invert=bool(prior.get("invert", False)))
         out[brain] = posteriors @ np.asarray(prior["table"], dtype=np.float64)
     return out
+
+
+def with_prior(image: np.ndarray, brain: np.ndarray, prior: dict[str, Any] | None) -> np.ndarray:
+    """The network input: the normalised image, and its per-tissue prior as channel 1 if any.
+
+    One place for what a model with a card `input.prior` takes, so that training and the task
+    feed it the same.
+    """
+    if not prior:
+        return image
+    return np.stack([image, tissue_prior(image, brain, prior)]).astype(np.float32)
 
 
 def _model_grid_brain(mask, image, card, model_grid) -> np.ndarray:

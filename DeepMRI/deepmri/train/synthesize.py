@@ -24,6 +24,7 @@ import torch
 from deepmri.errors import DeepMRIError
 from deepmri.intensity import normalize_percentile
 from deepmri.simulate import Grid, SimulatedSubject, sample_subject, simulate_subject
+from deepmri.tasks.synthesize import with_prior
 
 TRAIN_SEEDS = 0  # training subjects: seed = TRAIN_SEEDS + run seed * 1_000_000 + i
 VALIDATION_SEEDS = 900_000_000  # model selection (never trained on)
@@ -73,7 +74,9 @@ class SynthesisRecipe:
 
     @property
     def architecture(self) -> str:
-        return "deepmri.PriorResidualUNet" if self.tissue_prior else "monai.UNet"
+        from deepmri.nets import PRIOR_RESIDUAL_UNET
+
+        return PRIOR_RESIDUAL_UNET if self.tissue_prior else "monai.UNet"
 
     def network_config(self) -> dict[str, Any]:
         if self.tissue_prior:
@@ -242,15 +245,6 @@ def prior_spec(recipe: SynthesisRecipe, table: list[float]) -> dict[str, Any]:
         "invert": recipe.source != "T1w",
         "channel": 1,
     }
-
-
-def with_prior(image: np.ndarray, brain: np.ndarray, prior: dict[str, Any] | None) -> np.ndarray:
-    """The network input: the normalised image, and its per-tissue prior as channel 1 if any."""
-    if not prior:
-        return image
-    from deepmri.tasks.synthesize import tissue_prior
-
-    return np.stack([image, tissue_prior(image, brain, prior)]).astype(np.float32)
 
 
 def brain_mae(prediction: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> float:
