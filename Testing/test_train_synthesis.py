@@ -22,6 +22,22 @@ pytest.importorskip("nilearn")
 SMALL = Grid((32, 40, 32), 4.0)
 
 
+def tiny_recipe(**settings) -> SynthesisRecipe:
+    """A recipe small enough for a test: the 4 mm grid, a two-level UNet, one validation subject."""
+    return SynthesisRecipe(
+        **{
+            "grid_shape": SMALL.shape,
+            "spacing": SMALL.spacing,
+            "patch": (32, 32, 32),
+            "channels": (4, 8),
+            "strides": (2,),
+            "validate_every": 1,
+            "validation_subjects": 1,
+            **settings,
+        }
+    )
+
+
 def test_pair_is_normalised_like_the_task_and_zero_outside_the_brain():
     image, target, subject = make_pair(3, "T1w", "T2w", SMALL)
     brain = subject.brain
@@ -37,18 +53,7 @@ def test_pair_is_normalised_like_the_task_and_zero_outside_the_brain():
 
 def test_tiny_training_run_keeps_best_weights_and_writes_a_valid_synthesis_card(tmp_path):
     torch.set_num_threads(1)
-    recipe = SynthesisRecipe(
-        grid_shape=SMALL.shape,
-        spacing=SMALL.spacing,
-        patch=(32, 32, 32),
-        channels=(4, 8),
-        strides=(2,),
-        minutes=0.05,
-        validate_every=1,
-        validation_subjects=1,
-        warmup_fraction=0.0,
-        cosine_after=0.0,
-    )
+    recipe = tiny_recipe(minutes=0.05, warmup_fraction=0.0, cosine_after=0.0)
     state = train(recipe, tmp_path / "run", log=lambda line: None)
     assert state["iteration"] >= 1 and state["best"] is not None
     # The checkpoint (optimiser state after the learning-rate decay) loads with weights_only.
@@ -108,17 +113,7 @@ def test_the_recipe_is_a_deepmri_train_sub_command(tmp_path, capsys):
 
 def test_warm_start_from_a_run_or_a_model_folder_and_selection_by_psnr(tmp_path):
     torch.set_num_threads(1)
-    tiny = {
-        "grid_shape": SMALL.shape,
-        "spacing": SMALL.spacing,
-        "patch": (32, 32, 32),
-        "channels": (4, 8),
-        "strides": (2,),
-        "validate_every": 1,
-        "validation_subjects": 1,
-        "cosine_after": None,
-    }
-    first = SynthesisRecipe(minutes=0.03, **tiny)
+    first = tiny_recipe(minutes=0.03, cosine_after=None)
     state = train(first, tmp_path / "a", log=lambda line: None)
     start = load_generator(first, tmp_path / "a" / "best_generator.pt").state_dict()
     save_model(
@@ -128,14 +123,14 @@ def test_warm_start_from_a_run_or_a_model_folder_and_selection_by_psnr(tmp_path)
     )
     for source in (tmp_path / "a" / "best_generator.pt", tmp_path / "m"):
         # Learning rate 0: the kept weights are exactly the ones started from.
-        recipe = SynthesisRecipe(
+        recipe = tiny_recipe(
             minutes=0.03,
             learning_rate=0.0,
             mse_weight=1.0,
             select="psnr",
             init_from=str(source),
             target="FLAIR",
-            **tiny,
+            cosine_after=None,
         )
         out = tmp_path / f"b-{source.name}"
         state = train(recipe, out, log=lambda line: None)
@@ -165,19 +160,8 @@ def test_tissue_prior_model_starts_at_the_prior_and_the_task_makes_the_same_prio
     from deepmri.train.synthesize import brain_psnr, with_prior
 
     torch.set_num_threads(1)
-    recipe = SynthesisRecipe(
-        target="FLAIR",
-        grid_shape=SMALL.shape,
-        spacing=SMALL.spacing,
-        patch=(32, 32, 32),
-        channels=(4, 8),
-        strides=(2,),
-        validate_every=1,
-        validation_subjects=1,
-        prior_subjects=2,
-        tissue_prior=True,
-        iterations=0,
-        minutes=5.0,
+    recipe = tiny_recipe(
+        target="FLAIR", prior_subjects=2, tissue_prior=True, iterations=0, minutes=5.0
     )
     state = train(recipe, tmp_path / "run", log=lambda line: None)
     assert state["iteration"] == 0 and len(state["history"]) == 1
