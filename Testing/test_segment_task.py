@@ -501,3 +501,51 @@ def test_a_card_with_an_unknown_refinement_is_refused_naming_the_field():
     card["inference"]["refinement"] = {"method": "gaussian-mixture", "bias_degree": -1}
     with pytest.raises(CardError, match="bias_degree"):
         ModelCard.from_dict(card)
+
+
+class NeighbourThreshold(torch.nn.Module):
+    """A real 1x1x3 convolution that thresholds the voxel's right-hand neighbour (x + 1): a
+    network that is not mirror-symmetric, so a left-right flip changes its answer."""
+
+    def __init__(self, threshold: float = 0.3) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, (1, 1, 3), padding=(0, 0, 1))
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[1, 0, 0, 0, 2] = 20.0
+            self.conv.bias.copy_(torch.tensor([0.0, -20.0 * threshold]))
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.conv(volume)
+
+
+register_architecture("test.NeighbourThreshold", NeighbourThreshold)
+
+
+def _neighbour_store(tmp_path, average_flips: bool) -> ModelStore:
+    card = threshold_card("test-neighbour", 2)
+    card["architecture"] = {"name": "test.NeighbourThreshold", "config": {"threshold": 0.3}}
+    card["postprocessing"] = []
+    card["inference"] = {"patch_size": [32, 32, 32], "overlap": 0.5, "flips": [[4]]}
+    if average_flips:
+        card["inference"]["average_flips"] = True
+    folder = tmp_path / ("averaged" if average_flips else "plain")
+    save_model(NeighbourThreshold(0.3), card, folder / "test-neighbour")
+    return ModelStore(Settings(home=tmp_path / "home"), extra_paths=(folder,))
+
+
+def test_a_card_that_averages_flips_gives_the_same_labels_with_or_without_uncertainty(tmp_path):
+    image = blob_image(spacing=(1.5, 1.5, 1.5))
+
+    def labels(store: ModelStore, uncertainty: bool) -> np.ndarray:
+        result = segment(image, "test-neighbour", uncertainty=uncertainty, store=store)
+        return sitk.GetArrayFromImage(result.labels)
+
+    plain, averaged = _neighbour_store(tmp_path, False), _neighbour_store(tmp_path, True)
+    plain_labels = labels(plain, False)
+    averaged_labels = labels(averaged, False)
+    # Without the card key the flips run only for the map, so the labels change with it.
+    assert (labels(plain, True) != plain_labels).any()
+    assert np.array_equal(averaged_labels, labels(averaged, True))
+    assert np.array_equal(averaged_labels, labels(plain, True))
+    assert (averaged_labels != plain_labels).sum() > 10  # the mirrored pass moved the right edge

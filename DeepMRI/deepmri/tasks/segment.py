@@ -289,7 +289,10 @@ def _run_model(
     check_cancel(cancel)
     network = model.load_network(device=device)
     inference = card.get("inference", {})
-    flips = inference.get("flips", []) if with_uncertainty else []
+    # "average_flips": the labels always come from the mean over the card's test-time flips (the
+    # same labels with or without the uncertainty map); otherwise flips run only for the map.
+    averaged = bool(inference.get("average_flips"))
+    flips = inference.get("flips", []) if (with_uncertainty or averaged) else []
     tensor = torch.from_numpy(sitk.GetArrayFromImage(model_grid))[None, None]
     result = engine.infer(
         network,
