@@ -549,7 +549,7 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
             "overlap": 0.5,
             "flips": [[4]],  # left-right only: the brain is near symmetric, other flips unseen
             # Brain extraction: the left-right mean raised the synthetic validation Dice of 1.2.0
-            # from 0.922 to 0.926 (runs/dev/tta_val.py; Docs/training.md); tissue is refined by
+            # from 0.922 to 0.926 (Testing/benchmarks/validate_brain_flips.py); tissue is refined by
             # the mixture, where the flip was not measured.
             **({} if tissue else {"average_flips": True}),
         },
