@@ -189,3 +189,83 @@ def test_tissue_prior_model_starts_at_the_prior_and_the_task_makes_the_same_prio
     assert moved["iteration"] == 3 and moved["prior"] == state["prior"]
     head = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["generator"]
     assert head["head.weight"].abs().max() > 0
+
+
+def _write_volumes(folder, contrast: str, seeds, prefix: str) -> None:
+    """Brain-only simulated volumes on the 4 mm test grid, one file per seed."""
+    import SimpleITK as sitk
+    from deepmri.io import write_image
+
+    folder.mkdir(parents=True)
+    for seed in seeds:
+        params_source = make_pair(seed, "T1w", contrast, SMALL)
+        image = params_source[0] if contrast == "T1w" else params_source[1]
+        volume = sitk.GetImageFromArray(image)
+        volume.SetSpacing((4.0, 4.0, 4.0))
+        write_image(volume, folder / f"{prefix}{seed}.nii.gz")
+
+
+def test_unpaired_cyclegan_trains_resumes_and_exports_a_model_the_task_runs(tmp_path):
+    """`--unpaired`: finite losses, a resumed run goes on, the export runs in the task."""
+    import SimpleITK as sitk
+    from deepmri.models import ModelStore
+    from deepmri.settings import Settings
+    from deepmri.tasks.synthesize import synthesize
+    from deepmri.train.synthesize_unpaired import FolderVolumes, train_unpaired
+
+    torch.set_num_threads(1)
+    # Different subjects (seeds) and names in each folder: nothing to pair them by.
+    _write_volumes(tmp_path / "t1", "T1w", (60, 61), "a")
+    _write_volumes(tmp_path / "t2", "T2w", (70, 71, 72), "b")
+    sources = FolderVolumes(tmp_path / "t1", "source", spacing=4.0, patch=(32, 32, 32))
+    targets = FolderVolumes(tmp_path / "t2", "target", spacing=4.0, patch=(32, 32, 32))
+    assert (len(sources.training), len(targets.training)) == (1, 2)
+    assert np.percentile(targets.volumes[0][0][targets.volumes[0][1]], 99.5) == pytest.approx(
+        1.0, rel=1e-3
+    )
+    recipe = tiny_recipe(unpaired=True, adversarial_weight=1.0, identity_weight=1.0, iterations=2)
+    state = train_unpaired(recipe, tmp_path / "run", sources, targets, log=lambda line: None)
+    assert state["iteration"] == 2 and len(state["history"]) == 2
+    for entry in state["history"]:
+        assert entry["validation"] == "cycle"
+        for key in ("loss_cycle", "loss_adversarial", "loss_d", "validation_mae"):
+            assert np.isfinite(entry[key]) and entry[key] > 0
+    recipe.iterations = 4
+    resumed = train_unpaired(
+        recipe, tmp_path / "run", sources, targets, log=lambda line: None, resume=True
+    )
+    assert resumed["iteration"] == 4 and len(resumed["history"]) == 4
+    assert (tmp_path / "run" / "best_generator_back.pt").exists()
+    generator = load_generator(recipe, tmp_path / "run" / "best_generator.pt")
+    site = {"source_dir": "t1", "target_dir": "t2", "volumes": (2, 3)}
+    card = card_for(recipe, resumed, "deepmri train synthesize --unpaired", site=site)
+    assert "UNPAIRED" in card["description"] and "SIMULATED" not in card["description"]
+    assert "cycle" in card["training"]["validation_set"]
+    card["id"] = "test-unpaired-t2w"
+    save_model(generator, card, tmp_path / "models" / "test-unpaired-t2w")
+    store = ModelStore(Settings(home=tmp_path / "home"), extra_paths=(tmp_path / "models",))
+    image = sitk.ReadImage(str(tmp_path / "t1" / "a60.nii.gz"))
+    result = synthesize(image, "T2w", "test-unpaired-t2w", skull_stripped=True, store=store)
+    synthetic = sitk.GetArrayFromImage(result.image)
+    assert result.image.GetSize() == image.GetSize()
+    assert result.image.GetSpacing() == image.GetSpacing()
+    assert np.isfinite(synthetic).all() and synthetic.max() > 0
+    assert result.name_suffix == " -> T2w (synthetic)"
+
+
+def test_unpaired_draws_source_and_target_volumes_in_independent_orders():
+    from deepmri.train.synthesize_unpaired import Shuffled
+
+    sources = Shuffled(5, np.random.default_rng([0, 1]))
+    targets = Shuffled(5, np.random.default_rng([0, 2]))
+    drawn = [(next(sources), next(targets)) for _ in range(20)]
+    assert sorted(index for index, _ in drawn[:5]) == list(range(5))  # every volume each pass
+    assert sum(a == b for a, b in drawn) < 10  # a fixed pairing would give 20
+
+
+def test_unpaired_needs_site_folders(tmp_path, capsys):
+    from deepmri.cli import main
+
+    assert main(["train", "synthesize", "--out", str(tmp_path / "run"), "--unpaired"]) == 2
+    assert "--unpaired trains on a site's own volumes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -314,6 +314,33 @@ def bias_field(shape, strength: float, rng, control_points: int = 4) -> np.ndarr
     return np.exp(smooth[0, 0].numpy())
 
 
+def thick_slices(image: np.ndarray, axis: int, factor: int, offset: int = 0) -> np.ndarray:
+    """An image acquired in slices `factor` voxels thick along `axis`, back on its own grid.
+
+    Each slice is the mean of its `factor` voxels (a box slice profile), starting at voxel
+    `offset`; the slices are then interpolated linearly back onto every voxel (as the tasks
+    resample a thick-slice scan), constant beyond the first and last slice centres.
+
+    Examples:
+        >>> ramp = np.arange(8, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2))
+        >>> thick_slices(ramp, axis=0, factor=2)[:, 0, 0].tolist()
+        [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.5]
+    """
+    moved = np.moveaxis(np.asarray(image, dtype=np.float32), axis, 0)
+    count = (moved.shape[0] - offset) // factor
+    if factor <= 1 or count < 1:
+        return np.asarray(image, dtype=np.float32)
+    stack = moved[offset : offset + count * factor].reshape(count, factor, *moved.shape[1:])
+    slices = stack.mean(axis=1)
+    centres = offset + np.arange(count) * factor + (factor - 1) / 2.0
+    position = np.interp(np.arange(moved.shape[0]), centres, np.arange(count, dtype=float))
+    below = np.floor(position).astype(int)
+    above = np.minimum(below + 1, count - 1)
+    weight = (position - below).astype(np.float32).reshape(-1, *([1] * (moved.ndim - 1)))
+    resampled = slices[below] * (1.0 - weight) + slices[above] * weight
+    return np.ascontiguousarray(np.moveaxis(resampled, 0, axis), dtype=np.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Random subjects: the sampler and its deterministic twin
 
@@ -342,6 +369,9 @@ class SubjectParameters:
     noise: float  # Gaussian std per channel, fraction of the pure-WM signal, inputs only
     lesion: dict[str, Any] | None = None  # {"centre_mm": [z, y, x], "radius_mm": r}
     grid: dict[str, Any] = field(default_factory=lambda: asdict(Grid()))
+    # Inputs acquired in thick slices: {"axis": 0-2, "factor": voxels per slice, "offset": voxels}
+    # (`thick_slices`); None: acquired at the grid's resolution.
+    resolution: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -351,8 +381,45 @@ class SubjectParameters:
         return cls(**data)
 
 
+# "any": the input of a contrast-agnostic model (the SynthSR idea): each subject draws one of
+# these families, then that family's protocol.
+ANY = "any"
+ANY_FAMILIES = ("T1w", "T2w", "PDw", "FLAIR", "GRE", "IR")
+
+
 def sample_input_sequence(name: str, rng: np.random.Generator) -> Sequence:
-    """An input protocol drawn around the reference one: the variation a site's scans show."""
+    """An input protocol drawn around the reference one: the variation a site's scans show.
+
+    `name` is a weighting (T1w, T2w, PDw, FLAIR), "GRE" (spoiled gradient echo of any
+    weighting: flip 5-70 deg, TR 10-700 ms, TE 3-25 ms), "IR" (inversion recovery, any TI) or
+    "any" (one of `ANY_FAMILIES`, uniformly).
+
+    Examples:
+        >>> sample_input_sequence("PDw", np.random.default_rng(0)).kind
+        'spin-echo'
+    """
+    if name == ANY:
+        name = ANY_FAMILIES[int(rng.integers(len(ANY_FAMILIES)))]
+    if name == "PDw":
+        return Sequence(
+            "spin-echo",
+            tr=float(rng.uniform(3000.0, 7000.0)),
+            te=float(rng.uniform(8.0, 25.0)),
+        )
+    if name == "GRE":
+        return Sequence(
+            "spoiled-gre",
+            tr=float(np.exp(rng.uniform(np.log(10.0), np.log(700.0)))),
+            te=float(rng.uniform(3.0, 25.0)),
+            flip=float(rng.uniform(5.0, 70.0)),
+        )
+    if name == "IR":
+        return Sequence(
+            "inversion-recovery",
+            tr=float(rng.uniform(2000.0, 10000.0)),
+            te=float(rng.uniform(8.0, 100.0)),
+            ti=float(rng.uniform(100.0, 1500.0)),
+        )
     if name == "T1w":
         if rng.random() < 0.7:
             return Sequence(
@@ -384,7 +451,9 @@ def sample_input_sequence(name: str, rng: np.random.Generator) -> Sequence:
             te=float(rng.uniform(80.0, 130.0)),
             ti=float(null * rng.uniform(0.95, 1.05)),
         )
-    raise SimulationError(f"No input protocol for '{name}'; known: T1w, T2w, FLAIR.")
+    raise SimulationError(
+        f"No input protocol for '{name}'; known: {', '.join(ANY_FAMILIES)}, {ANY}."
+    )
 
 
 def sample_subject(
@@ -394,11 +463,16 @@ def sample_subject(
     grid: Grid | None = None,
     lesion: bool = False,
     deformation_mm: tuple[float, float] = (0.0, 4.0),
+    thick_probability: float = 0.0,
+    thick_factors: tuple[int, ...] = (2, 3, 4),
 ) -> SubjectParameters:
     """Draw one subject: field strength, tissue jitter, pose, warp, input protocols, bias, noise.
 
     The only place with randomness besides the seeded noise fields of `simulate_subject`.
     Inputs get sampled protocols (their names as keys); targets use `PROTOCOLS` unchanged.
+    With `thick_probability` the inputs are, that often, acquired in slices of one of
+    `thick_factors` grid voxels along a random axis (drawn last, so the rest of a seed's subject
+    does not depend on it).
     """
     rng = np.random.default_rng(seed)
     grid = grid or Grid()
@@ -419,7 +493,7 @@ def sample_subject(
     lesion_spec = None
     if lesion:
         lesion_spec = {"centre_fraction": rng.uniform(0.0, 1.0), "radius_mm": 5.0}
-    return SubjectParameters(
+    params = SubjectParameters(
         seed=seed,
         field_strength=field_strength,
         tissue_scale=scale,
@@ -433,6 +507,14 @@ def sample_subject(
         lesion=lesion_spec,
         grid=asdict(grid),
     )
+    if thick_probability > 0 and rng.random() < thick_probability:
+        factor = int(thick_factors[int(rng.integers(len(thick_factors)))])
+        params.resolution = {
+            "axis": int(rng.integers(3)),
+            "factor": factor,
+            "offset": int(rng.integers(factor)),
+        }
+    return params
 
 
 # What makes a protocol "T1-weighted" etc.: the pure-tissue order it must give, with a margin.
@@ -519,6 +601,8 @@ def simulate_subject(
             images[contrast] = corrupt(
                 clean, params.bias_strength, params.noise * white, channel_rng
             )
+            if params.resolution:
+                images[contrast] = thick_slices(images[contrast], **params.resolution)
         else:
             if contrast not in PROTOCOLS:
                 raise SimulationError(

@@ -1,7 +1,8 @@
 """`deepmri train segment|synthesize|superresolve`: train the shipped models.
 
 `segment` runs the recipe in deepmri.train.segment, `synthesize` the pix2pix recipe in
-deepmri.train.synthesize (simulated pairs, or a site's own with --source-dir/--target-dir),
+deepmri.train.synthesize (simulated pairs, or a site's own with --source-dir/--target-dir;
+--unpaired: CycleGAN in deepmri.train.synthesize_unpaired),
 `superresolve` the thick-to-thin recipe in deepmri.train.superresolve (MNI152 and the pydeface
 head made thick); all are resumable and export the best weights with their model card.
 """
@@ -108,7 +109,12 @@ def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
     synthesize = tasks.add_parser(
         "synthesize", help="contrast synthesis (pix2pix on simulated pairs)"
     )
-    synthesize.add_argument("--source", default="T1w", choices=["T1w", "T2w", "FLAIR"])
+    synthesize.add_argument(
+        "--source",
+        default="T1w",
+        choices=["T1w", "T2w", "FLAIR", "any"],
+        help="input contrast; 'any': random contrast and resolution per subject (SynthSR idea)",
+    )
     synthesize.add_argument("--target", default="T2w", choices=["T1w", "T2w", "FLAIR", "PDw"])
     synthesize.add_argument("--out", type=Path, required=True, help="run folder")
     synthesize.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
@@ -116,7 +122,10 @@ def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
     synthesize.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     synthesize.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     synthesize.add_argument(
-        "--adversarial-weight", type=float, default=0.01, help="0 trains with L1 only"
+        "--adversarial-weight",
+        type=float,
+        default=None,
+        help="paired: 0 trains with L1 only (default 0.01); unpaired: default 1",
     )
     synthesize.add_argument(
         "--cosine-after", type=float, default=0.5, help="share of the budget before the LR decays"
@@ -152,10 +161,30 @@ def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
         default=None,
         help="run length in iterations (the schedule follows it; --minutes still stops early)",
     )
+    synthesize.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast (faster only with AMX/AVX-512)"
+    )
+    synthesize.add_argument("--validation-subjects", type=int, default=4)
+    synthesize.add_argument("--validate-every", type=int, default=50, help="iterations")
+    synthesize.add_argument(
+        "--channels", type=int, nargs="+", help="generator UNet channels per level (8 16 32 64)"
+    )
     synthesize.add_argument("--export", type=Path, help="write the best weights as a model folder")
+    synthesize.add_argument("--model-version", default="0.1.0", help="the exported card's version")
     synthesize.add_argument("--source-dir", type=Path, help="a site's own inputs (brain-only)")
     synthesize.add_argument(
         "--target-dir", type=Path, help="their co-registered targets, same file names"
+    )
+    synthesize.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="CycleGAN on --source-dir / --target-dir volumes that are not pairs",
+    )
+    synthesize.add_argument(
+        "--cycle-weight", type=float, default=10.0, help="unpaired: weight of the cycle L1"
+    )
+    synthesize.add_argument(
+        "--identity-weight", type=float, default=0.0, help="unpaired: identity L1 (0: none)"
     )
     synthesize.set_defaults(handler=_synthesize)
 
@@ -180,9 +209,17 @@ def _synthesize(arguments: argparse.Namespace) -> int:
         loss_inside_brain=arguments.loss_inside_brain,
         tissue_prior=arguments.tissue_prior,
         iterations=arguments.iterations,
+        bf16=arguments.bf16,
+        validation_subjects=arguments.validation_subjects,
+        validate_every=arguments.validate_every,
+        channels=arguments.channels,
         export=arguments.export,
+        version=arguments.model_version,
         source_dir=arguments.source_dir,
         target_dir=arguments.target_dir,
+        unpaired=arguments.unpaired,
+        cycle_weight=arguments.cycle_weight,
+        identity_weight=arguments.identity_weight,
         command=_command_line(),
     )
     return 0
@@ -208,6 +245,19 @@ def _add_superresolve(tasks: argparse._SubParsersAction) -> None:
     superresolve.add_argument("--depth", type=int, default=7, help="network layers")
     superresolve.add_argument("--batch", type=int, default=4, help="patches per step")
     superresolve.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    superresolve.add_argument(
+        "--warmup", type=int, default=50, help="iterations of linear learning-rate warm-up"
+    )
+    superresolve.add_argument("--loss", default="mse", choices=["mse", "l1"])
+    superresolve.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast (faster only with AMX/AVX-512)"
+    )
+    superresolve.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="keep and export a moving average of the weights with this decay per step (0: off)",
+    )
     superresolve.add_argument("--validation-patches", type=int, default=32)
     superresolve.add_argument("--validate-every", type=int, default=100, help="iterations")
     superresolve.add_argument(
@@ -239,6 +289,10 @@ def _superresolve(arguments: argparse.Namespace) -> int:
         depth=arguments.depth,
         batch_size=arguments.batch,
         learning_rate=arguments.lr,
+        warmup=arguments.warmup,
+        loss=arguments.loss,
+        bf16=arguments.bf16,
+        ema=arguments.ema,
         validation_patches=arguments.validation_patches,
         validate_every=arguments.validate_every,
         cache_dir=arguments.cache,

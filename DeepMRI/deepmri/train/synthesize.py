@@ -6,6 +6,10 @@ protocol (clean). The generator is MONAI's 3D UNet, the discriminator MONAI's Pa
 (`PatchDiscriminator`, conditioned on the input); loss L1 + lambda x least-squares adversarial
 (Isola et al., CVPR 2017; Mao et al., ICCV 2017), the adversarial term after an L1-only warm-up.
 
+`--source any` is the SynthSR idea: inputs of any contrast (a random sequence family and
+random timings per subject) and any resolution (thick slices along a random axis, half the
+time), the target the reference T1w (MPRAGE) on the 2 mm synthesis grid.
+
 Run: deepmri train synthesize --source T1w --target T2w --out DIR --minutes 60
 """
 
@@ -23,7 +27,15 @@ import torch
 
 from deepmri.errors import DeepMRIError
 from deepmri.intensity import normalize_percentile
-from deepmri.simulate import Grid, SimulatedSubject, sample_subject, simulate_subject
+from deepmri.simulate import (
+    ANY,
+    ANY_FAMILIES,
+    Grid,
+    SimulatedSubject,
+    SubjectParameters,
+    sample_subject,
+    simulate_subject,
+)
 from deepmri.tasks.synthesize import with_prior
 
 TRAIN_SEEDS = 0  # training subjects: seed = TRAIN_SEEDS + run seed * 1_000_000 + i
@@ -31,6 +43,8 @@ VALIDATION_SEEDS = 900_000_000  # model selection (never trained on)
 TEST_SEEDS = 950_000_000  # held-out evaluation (never trained on, never used for selection)
 TARGET_SCALE_PERCENTILE = 99.5
 PATCHES_PER_SUBJECT = 4  # simulating a subject costs about as much as two training steps
+# `--source any`: this share of the training subjects is acquired in thick slices (4-8 mm).
+ANY_THICK_PROBABILITY = 0.5
 
 
 @dataclass
@@ -66,6 +80,12 @@ class SynthesisRecipe:
     tissue_prior: bool = False
     prior_subjects: int = 3
     iterations: int | None = None  # run length; the schedule follows it (else the minutes)
+    bf16: bool = False  # bfloat16 autocast for the training steps (validation stays fp32)
+    # Unpaired (CycleGAN, `deepmri.train.synthesize_unpaired`): loss = adversarial (LSGAN)
+    # + cycle_weight x cycle L1 + identity_weight x identity L1 (Zhu et al., ICCV 2017: 10, 5).
+    unpaired: bool = False
+    cycle_weight: float = 10.0
+    identity_weight: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -115,8 +135,19 @@ def normalise_target(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
 def make_pair(
     seed: int, source: str, target: str, grid: Grid, *, lesion: bool = False
 ) -> tuple[np.ndarray, np.ndarray, SimulatedSubject]:
-    """One simulated subject's normalised (input, target) arrays on `grid`, and the subject."""
-    params = sample_subject(seed, (source,), grid=grid, lesion=lesion)
+    """One simulated subject's normalised (input, target) arrays on `grid`, and the subject.
+
+    `source` "any": a random contrast, in thick slices with `ANY_THICK_PROBABILITY`.
+    """
+    thick = ANY_THICK_PROBABILITY if source == ANY else 0.0
+    params = sample_subject(seed, (source,), grid=grid, lesion=lesion, thick_probability=thick)
+    return pair_from_parameters(params, source, target)
+
+
+def pair_from_parameters(
+    params: SubjectParameters, source: str, target: str
+) -> tuple[np.ndarray, np.ndarray, SimulatedSubject]:
+    """The normalised (input, target) of subject `params` (its input named `source`)."""
     subject = simulate_subject(params, (source, target))
     brain = subject.brain
     return (
@@ -143,23 +174,19 @@ class FolderPairs:
     """
 
     def __init__(self, source_dir, target_dir, spacing: float, patch, validation: int = 1):
-        from deepmri.geometry import reorient, resample_like, resample_to_spacing
+        from deepmri.geometry import resample_like
         from deepmri.io import read_image
 
         source_dir, target_dir = Path(source_dir), Path(target_dir)
         names = sorted(p.name for p in source_dir.iterdir() if (target_dir / p.name).exists())
         if len(names) < validation + 1:
-            from deepmri.errors import DeepMRIError
-
             raise DeepMRIError(
                 f"Found {len(names)} file name(s) present in both {source_dir} and {target_dir}; "
                 f"training needs at least {validation + 1} pairs with matching names."
             )
         self.pairs = []
         for name in names:
-            source = resample_to_spacing(
-                reorient(read_image(source_dir / name), "RAS"), [spacing] * 3
-            )
+            source = read_on_grid(source_dir / name, spacing)
             target = resample_like(read_image(target_dir / name), source)
             image = sitk_array(source)
             brain = image > 0
@@ -172,6 +199,14 @@ class FolderPairs:
 
     def pair(self, index: int):
         return self.training[index % len(self.training)]
+
+
+def read_on_grid(path: Path, spacing: float):
+    """A volume from a file, reoriented to RAS and resampled to `spacing` mm (the model grid)."""
+    from deepmri.geometry import reorient, resample_to_spacing
+    from deepmri.io import read_image
+
+    return resample_to_spacing(reorient(read_image(path), "RAS"), [spacing] * 3)
 
 
 def sitk_array(image) -> np.ndarray:
@@ -280,36 +315,172 @@ def predict(
     return result.prediction[0, 0].numpy(), spread
 
 
+class SynthesisRun:
+    """What every synthesis training run shares, paired or not.
+
+    The networks and their optimisers in one checkpoint (by name, so `--resume` restores them
+    all), the clock and the learning-rate schedule (cosine after `recipe.cosine_after` of the
+    iterations or the minutes), the validation history, and the best weights of the networks
+    named in `record(keep=...)` as `best_<name>.pt`.
+
+    Examples:
+        >>> run = SynthesisRun(recipe, out, {"generator": g}, {"opt_g": opt})  # doctest: +SKIP
+        >>> while run.running(): ...; run.step_done()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        recipe: SynthesisRecipe,
+        out: Path,
+        networks: dict[str, torch.nn.Module],
+        optimisers: dict[str, torch.optim.Optimizer],
+        *,
+        resume: bool = False,
+        command: str = "",
+        log=print,
+    ) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.recipe, self.out, self.log = recipe, out, log
+        self.networks, self.optimisers = networks, optimisers
+        self.checkpoint = out / "checkpoint.pt"
+        self.resumed = resume and self.checkpoint.exists()
+        self.state: dict[str, Any] = {"iteration": 0, "minutes": 0.0, "best": None, "history": []}
+        if self.resumed:
+            saved = torch.load(self.checkpoint, weights_only=True)
+            for name, part in {**networks, **optimisers}.items():
+                part.load_state_dict(saved[name])
+            self.state = json.loads(saved["state"])
+        self.state.setdefault("commands", [])
+        if command:
+            self.state["commands"].append(command)
+        self.budget = recipe.minutes * 60.0
+        self.started = time.monotonic() - self.state["minutes"] * 60.0
+
+    @property
+    def iteration(self) -> int:
+        return self.state["iteration"]
+
+    def running(self) -> bool:
+        if self.recipe.iterations is not None and self.iteration >= self.recipe.iterations:
+            return False
+        return time.monotonic() - self.started < self.budget
+
+    def elapsed(self) -> float:
+        """The share of the run done: of the iterations if given, else of the minutes."""
+        if self.recipe.iterations is not None:
+            return self.iteration / self.recipe.iterations
+        return (time.monotonic() - self.started) / self.budget
+
+    def schedule(self) -> float:
+        """Set the learning rate for this step; returns `elapsed()`."""
+        elapsed = self.elapsed()
+        cosine_after = self.recipe.cosine_after
+        if cosine_after is not None and elapsed > cosine_after:
+            # Cosine decay to zero over the rest of the run (the validation MAE of a constant
+            # 1e-3 swings by +-30% between checks).
+            phase = (elapsed - cosine_after) / (1.0 - cosine_after)
+            rate = self.recipe.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(phase, 1.0)))
+            for optimiser in self.optimisers.values():
+                for group in optimiser.param_groups:
+                    group["lr"] = rate
+        return elapsed
+
+    def step_done(self) -> bool:
+        """Count the step; True when it is time to validate."""
+        self.state["iteration"] += 1
+        return self.iteration % self.recipe.validate_every == 0
+
+    def record(self, figures: dict[str, Any], keep: dict[str, torch.nn.Module]) -> dict[str, Any]:
+        """Log a validation entry, keep the `keep` weights if it is the best, save the checkpoint."""
+        self.state["minutes"] = (time.monotonic() - self.started) / 60.0
+        entry = {"iteration": self.iteration, "minutes": round(self.state["minutes"], 2)}
+        entry.update(figures)
+        self.state["history"].append(entry)
+        self.log(json.dumps(entry))
+        if self.state["best"] is None or _better(entry, self.state["best"], self.recipe.select):
+            self.state["best"] = entry
+            for name, network in keep.items():
+                torch.save(network.state_dict(), self.out / f"best_{name}.pt")
+        saved = {name: part.state_dict() for name, part in self.networks.items()}
+        saved.update({name: part.state_dict() for name, part in self.optimisers.items()})
+        torch.save({**saved, "state": json.dumps(self.state)}, self.checkpoint)
+        return entry
+
+    def finish(self) -> dict[str, Any]:
+        """Write `training.json` (recipe and state); returns the state."""
+        self.state["minutes"] = (time.monotonic() - self.started) / 60.0
+        (self.out / "training.json").write_text(
+            json.dumps({"recipe": asdict(self.recipe), **self.state}, indent=1), encoding="utf-8"
+        )
+        return self.state
+
+
+def _adam(networks, learning_rate: float) -> torch.optim.Adam:
+    parameters = [p for network in networks for p in network.parameters()]
+    return torch.optim.Adam(parameters, learning_rate, betas=(0.5, 0.999))
+
+
+def masked_losses(
+    fake, target, inside, recipe: SynthesisRecipe
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1, L1 + mse_weight x MSE) over the patch, or over brain voxels with `loss_inside_brain`."""
+    weight = inside if recipe.loss_inside_brain else torch.ones_like(inside)
+    count = weight.sum().clamp(min=1.0)
+    loss_l1 = ((fake - target).abs() * weight).sum() / count
+    loss = loss_l1
+    if recipe.mse_weight > 0:
+        loss = loss + recipe.mse_weight * (((fake - target) ** 2) * weight).sum() / count
+    return loss_l1, loss
+
+
+def validation_figures(generator, validation, patch) -> dict[str, float]:
+    """Mean brain MAE and PSNR of `generator` over (input, truth, subject-with-brain) triples."""
+    generator.eval()
+    maes, psnrs = [], []
+    for x, y, s in validation:
+        prediction = predict(generator, x, patch)[0]
+        maes.append(brain_mae(prediction, y, s.brain))
+        psnrs.append(brain_psnr(prediction, y, s.brain))
+    generator.train()
+    return {
+        "validation_mae": round(float(np.mean(maes)), 4),
+        "validation_psnr": round(float(np.mean(psnrs)), 3),
+    }
+
+
 def train(
     recipe: SynthesisRecipe,
     out: Path,
     log=print,
     resume: bool = False,
     pairs: FolderPairs | None = None,
+    command: str = "",
 ) -> dict[str, Any]:
     """Train for `recipe.minutes`; keep the weights of the best validation MAE in `out`.
 
-    Pairs are simulated unless `pairs` (a site's own folders) is given.
+    Pairs are simulated unless `pairs` (a site's own folders) is given. `command` is appended
+    to the run's `commands` (the first run and each resume, in order).
     """
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     generator, discriminator = build_networks(recipe)
-    if recipe.init_from and not (resume and (out / "checkpoint.pt").exists()):
+    run = SynthesisRun(
+        recipe,
+        out,
+        {"generator": generator, "discriminator": discriminator},
+        {
+            "opt_g": _adam([generator], recipe.learning_rate),
+            "opt_d": _adam([discriminator], recipe.learning_rate),
+        },
+        resume=resume,
+        command=command,
+        log=log,
+    )
+    opt_g, opt_d = run.optimisers["opt_g"], run.optimisers["opt_d"]
+    if recipe.init_from and not run.resumed:
         # Warm start (same architecture), e.g. T1w -> FLAIR from the T1w -> T2w generator.
         generator.load_state_dict(load_generator_weights(Path(recipe.init_from)))
-    opt_g = torch.optim.Adam(generator.parameters(), recipe.learning_rate, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), recipe.learning_rate, betas=(0.5, 0.999))
-    grid = recipe.grid
-    checkpoint = out / "checkpoint.pt"
-    state: dict[str, Any] = {"iteration": 0, "minutes": 0.0, "best": None, "history": []}
-    if resume and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
-        generator.load_state_dict(saved["generator"])
-        discriminator.load_state_dict(saved["discriminator"])
-        opt_g.load_state_dict(saved["opt_g"])
-        opt_d.load_state_dict(saved["opt_d"])
-        state = json.loads(saved["state"])
+    state = run.state
     if recipe.tissue_prior and not state.get("prior"):
         state["prior"] = prior_spec(recipe, fit_prior_table(recipe))
         log(json.dumps({"prior": state["prior"]}))
@@ -318,86 +489,36 @@ def train(
         validation = pairs.validation
     else:
         validation = [
-            make_pair(VALIDATION_SEEDS + i, recipe.source, recipe.target, grid)
+            make_pair(VALIDATION_SEEDS + i, recipe.source, recipe.target, recipe.grid)
             for i in range(recipe.validation_subjects)
         ]
     validation = [(with_prior(x, s.brain, prior), y, s) for x, y, s in validation]
-    budget = recipe.minutes * 60.0
-    started = time.monotonic() - state["minutes"] * 60.0
 
     def validate(loss_l1: float | None, adversarial: bool) -> None:
-        generator.eval()
-        maes, psnrs = [], []
-        for x, y, s in validation:
-            prediction = predict(generator, x, recipe.patch)[0]
-            maes.append(brain_mae(prediction, y, s.brain))
-            psnrs.append(brain_psnr(prediction, y, s.brain))
-        generator.train()
-        state["minutes"] = (time.monotonic() - started) / 60.0
-        entry = {
-            "iteration": state["iteration"],
-            "minutes": round(state["minutes"], 2),
-            "l1": None if loss_l1 is None else round(loss_l1, 4),
-            "validation_mae": round(float(np.mean(maes)), 4),
-            "validation_psnr": round(float(np.mean(psnrs)), 3),
-            "adversarial": adversarial,
-        }
-        state["history"].append(entry)
-        log(json.dumps(entry))
-        if state["best"] is None or _better(entry, state["best"], recipe.select):
-            state["best"] = entry
-            torch.save(generator.state_dict(), out / "best_generator.pt")
-        torch.save(
-            {
-                "generator": generator.state_dict(),
-                "discriminator": discriminator.state_dict(),
-                "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(),
-                "state": json.dumps(state),
-            },
-            checkpoint,
-        )
+        figures = validation_figures(generator, validation, recipe.patch)
+        l1 = None if loss_l1 is None else round(loss_l1, 4)
+        run.record({"l1": l1, **figures, "adversarial": adversarial}, {"generator": generator})
 
-    if recipe.tissue_prior and state["iteration"] == 0 and not state["history"]:
+    if recipe.tissue_prior and run.iteration == 0 and not state["history"]:
         validate(None, False)  # iteration 0: the prior alone (the head starts at zero)
 
-    def running() -> bool:
-        if recipe.iterations is not None and state["iteration"] >= recipe.iterations:
-            return False
-        return time.monotonic() - started < budget
-
     pair = None
-    while running():
-        iteration = state["iteration"]
+    while run.running():
+        iteration = run.iteration
         if pair is None or iteration % PATCHES_PER_SUBJECT == 0:
             seed = TRAIN_SEEDS + recipe.seed * 1_000_000 + iteration // PATCHES_PER_SUBJECT
             if pairs is not None:
                 pair = pairs.pair(iteration // PATCHES_PER_SUBJECT)
             else:
-                pair = make_pair(seed, recipe.source, recipe.target, grid)
+                pair = make_pair(seed, recipe.source, recipe.target, recipe.grid)
             pair = (with_prior(pair[0], pair[2].brain, prior), pair[1], pair[2])
         arrays = [pair[0], pair[1], pair[2].brain.astype(np.float32)]
         source, target, inside = _random_patch(arrays, recipe.patch, rng)
-        if recipe.iterations is not None:
-            elapsed = iteration / recipe.iterations
-        else:
-            elapsed = (time.monotonic() - started) / budget
+        elapsed = run.schedule()
         adversarial = recipe.adversarial_weight if elapsed > recipe.warmup_fraction else 0.0
-        if recipe.cosine_after is not None and elapsed > recipe.cosine_after:
-            # Cosine decay to zero over the rest of the time budget (the validation MAE of a
-            # constant 1e-3 swings by +-30% between checks).
-            phase = (elapsed - recipe.cosine_after) / (1.0 - recipe.cosine_after)
-            rate = recipe.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(phase, 1.0)))
-            for optimiser in (opt_g, opt_d):
-                for group in optimiser.param_groups:
-                    group["lr"] = rate
-        fake = generator(source)
-        weight = inside if recipe.loss_inside_brain else torch.ones_like(inside)
-        count = weight.sum().clamp(min=1.0)
-        loss_l1 = ((fake - target).abs() * weight).sum() / count
-        loss = loss_l1
-        if recipe.mse_weight > 0:
-            loss = loss + recipe.mse_weight * (((fake - target) ** 2) * weight).sum() / count
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            fake = generator(source).float()
+        loss_l1, loss = masked_losses(fake, target, inside, recipe)
         if adversarial > 0:
             score = discriminator(torch.cat([source, fake], 1))[-1]
             loss = loss + adversarial * ((score - 1.0) ** 2).mean()
@@ -411,14 +532,9 @@ def train(
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()
-        state["iteration"] = iteration + 1
-        if state["iteration"] % recipe.validate_every == 0:
+        if run.step_done():
             validate(loss_l1.item(), adversarial > 0)
-    state["minutes"] = (time.monotonic() - started) / 60.0
-    (out / "training.json").write_text(
-        json.dumps({"recipe": asdict(recipe), **state}, indent=1), encoding="utf-8"
-    )
-    return state
+    return run.finish()
 
 
 def _better(entry: dict[str, Any], best: dict[str, Any], select: str) -> bool:
@@ -433,17 +549,40 @@ def load_generator(recipe: SynthesisRecipe, path: Path) -> torch.nn.Module:
     return generator.eval()
 
 
-def card_for(recipe: SynthesisRecipe, state: dict[str, Any], command: str) -> dict[str, Any]:
-    """The model card of a trained synthesis model (weights filled in by `save_model`)."""
+def card_for(
+    recipe: SynthesisRecipe,
+    state: dict[str, Any],
+    command: str,
+    version: str = "0.1.0",
+    site: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model card of a trained synthesis model (weights filled in by `save_model`).
+
+    `training.commands` is the whole chain behind the weights: the commands on the card of the
+    model warm-started from (`init_from`, a model folder), then this run's (first and resumes).
+    `site`: trained on a site's own folders (`source_dir`, `target_dir`, `volumes`), not on
+    simulated images; the card says so.
+    """
     model_id = f"{recipe.source.lower()}-to-{recipe.target.lower()}"
+    source = (
+        "brain MRI of any contrast (T1w, T2w, PDw, FLAIR, gradient or inversion recovery "
+        "echo of any timing) and resolution (thick slices resampled to 2 mm)"
+        if recipe.source == ANY
+        else f"{recipe.source} brain MRI"
+    )
     return {
         "id": model_id,
-        "version": "0.1.0",
+        "version": version,
         "task": "synthesis",
         "description": (
-            f"Synthetic {recipe.target} from a skull-stripped {recipe.source} brain MRI. "
-            "Trained on SIMULATED images only (MR physics simulator on the MNI152 2009a tissue "
-            "maps); never trained or checked on real paired scans. The output is synthetic."
+            f"Synthetic {recipe.target} from a skull-stripped {source}. "
+            + (
+                _site_description(recipe, site)
+                if site
+                else "Trained on SIMULATED images only (MR physics simulator on the MNI152 "
+                "2009a tissue maps); never trained or checked on real paired scans. "
+            )
+            + "The output is synthetic."
             + (
                 " The network adds a learnt correction to a per-tissue prior computed from the "
                 "input (Gaussian-mixture tissue posteriors times each tissue's mean target "
@@ -474,34 +613,79 @@ def card_for(recipe: SynthesisRecipe, state: dict[str, Any], command: str) -> di
         "labels": [],
         "metrics": [],
         "training": {
-            "data": (
+            "data": _site_description(recipe, site)
+            if site
+            else (
                 "Simulated pairs only: deepmri.simulate on the MNI ICBM152 2009a GM/WM maps "
                 "(CSF = rest of the brain), random affine + smooth warps, literature relaxation "
-                f"times at 1.5/3 T with 5% jitter, random {recipe.source} protocols "
-                "(MPRAGE or spoiled GRE), bias field and Rician noise on the input; the target "
+                f"times at 1.5/3 T with 5% jitter, {_input_protocols(recipe.source)}, bias "
+                "field and Rician noise on the input; the target "
                 f"is the fixed reference {recipe.target} protocol, clean. One anatomy (MNI): "
                 "no real subjects, no pathology in training."
             ),
             "command": command,
+            "commands": [*_warm_start_commands(recipe.init_from), *state.get("commands", [])],
             "recipe": asdict(recipe),
             "iterations": state["iteration"],
             "minutes": round(state["minutes"], 1),
             "best": state["best"],
             "validation_set": (
                 f"{recipe.validation_subjects} simulated subjects, seeds {VALIDATION_SEEDS}+i "
-                "(never trained on); the weights are those of the best validation "
-                f"{recipe.select.upper()}"
-            ),
+                "(never trained on)"
+                if not site
+                else "the last volume(s) of each folder by file name (never trained on)"
+            )
+            + f"; the weights are those of the best validation {recipe.select.upper()}"
+            + (" of the cycle (source -> target -> source, and back)" if recipe.unpaired else ""),
         },
         "license": (
             "Apache-2.0 (weights); trained on images simulated from MNI ICBM152 2009a "
             "(\u00a9 McConnell Brain Imaging Centre)"
         ),
         "citation": (
-            "Isola et al., CVPR 2017 (pix2pix); Fonov et al., NeuroImage 2011 (MNI ICBM152 "
+            ("Zhu et al., ICCV 2017 (CycleGAN); " if recipe.unpaired else "")
+            + "Isola et al., CVPR 2017 (pix2pix); Fonov et al., NeuroImage 2011 (MNI ICBM152 "
             "2009a); Iglesias et al., Sci Adv 2023 (SynthSR)"
         ),
     }
+
+
+def _site_description(recipe: SynthesisRecipe, site: dict[str, Any]) -> str:
+    """What a model trained on a site's own folders was trained on."""
+    if recipe.unpaired:
+        return (
+            f"Trained on a site's own UNPAIRED volumes (CycleGAN: cycle consistency + "
+            f"least-squares adversarial losses): {site['volumes'][0]} {recipe.source} in "
+            f"{site['source_dir']}, {site['volumes'][1]} {recipe.target} in "
+            f"{site['target_dir']}, brain-only, drawn in independent random orders. "
+        )
+    return (
+        f"Trained on a site's own co-registered pairs ({site['volumes'][0]} pairs of the same "
+        f"file name in {site['source_dir']} and {site['target_dir']}), brain-only. "
+    )
+
+
+def _input_protocols(source: str) -> str:
+    """The card's words for the inputs the network saw in training."""
+    if source == ANY:
+        return (
+            f"inputs of any contrast (per subject one of {', '.join(ANY_FAMILIES)} with random "
+            "TR/TE/TI/flip), half of them acquired in 4-8 mm slices along a random axis"
+        )
+    if source == "T1w":
+        return "random T1w protocols (MPRAGE or spoiled GRE)"
+    return f"random {source} protocols"
+
+
+def _warm_start_commands(init_from: str | None) -> list[str]:
+    """The training commands on the card of the model folder a run was warm-started from."""
+    card = Path(init_from) / "card.json" if init_from else None
+    if card is None or not card.is_file():
+        return []
+    training = json.loads(card.read_text(encoding="utf-8")).get("training") or {}
+    return list(
+        training.get("commands") or [training.get("command")] * bool(training.get("command"))
+    )
 
 
 def _card_input(recipe: SynthesisRecipe, state: dict[str, Any]) -> dict[str, Any]:
@@ -530,7 +714,7 @@ def run_recipe(
     seed: int = 0,
     threads: int = 1,
     resume: bool = False,
-    adversarial_weight: float = 0.01,
+    adversarial_weight: float | None = None,
     cosine_after: float = 0.5,
     learning_rate: float = 1e-3,
     mse_weight: float = 0.0,
@@ -539,14 +723,25 @@ def run_recipe(
     loss_inside_brain: bool = False,
     tissue_prior: bool = False,
     iterations: int | None = None,
+    bf16: bool = False,
+    validation_subjects: int = 4,
+    validate_every: int = 50,
+    channels: tuple[int, ...] | None = None,
     export: Path | None = None,
+    version: str = "0.1.0",
     source_dir: Path | None = None,
     target_dir: Path | None = None,
+    unpaired: bool = False,
+    cycle_weight: float = 10.0,
+    identity_weight: float = 0.0,
     command: str = "",
 ) -> dict[str, Any]:
-    """Train on simulator pairs (or a site's folder pairs) and optionally export the best weights.
+    """Train on simulator pairs, a site's folder pairs or (`unpaired`) a site's unpaired
+    folders, and optionally export the best weights.
 
-    `deepmri train synthesize` calls this; `command` (the exact command line) goes on the card.
+    `adversarial_weight` defaults to 0.01 paired (pix2pix, next to L1) and 1 unpaired (CycleGAN,
+    next to `cycle_weight` x the cycle L1). `deepmri train synthesize` calls this; `command`
+    (the exact command line) goes on the card.
     """
     torch.set_num_threads(threads)
     recipe = SynthesisRecipe(
@@ -555,7 +750,9 @@ def run_recipe(
         minutes=minutes,
         seed=seed,
         cosine_after=cosine_after,
-        adversarial_weight=adversarial_weight,
+        adversarial_weight=(1.0 if unpaired else 0.01)
+        if adversarial_weight is None
+        else adversarial_weight,
         learning_rate=learning_rate,
         mse_weight=mse_weight,
         select=select,
@@ -563,20 +760,52 @@ def run_recipe(
         loss_inside_brain=loss_inside_brain,
         tissue_prior=tissue_prior,
         iterations=iterations,
+        bf16=bf16,
+        validation_subjects=validation_subjects,
+        validate_every=validate_every,
+        unpaired=unpaired,
+        cycle_weight=cycle_weight,
+        identity_weight=identity_weight,
     )
+    if channels:
+        recipe.channels = tuple(channels)
+        recipe.strides = (2,) * (len(channels) - 1)
+    if tissue_prior and source == ANY:
+        raise DeepMRIError(
+            "--tissue-prior needs a known input contrast (its tissue classes are ordered by "
+            "it); it cannot be used with --source any."
+        )
     if init_from and not Path(init_from).exists():
         raise DeepMRIError(f"--init-from {init_from}: no such file or model folder.")
-    pairs = None
-    if source_dir or target_dir:
-        if not (source_dir and target_dir):
-            raise DeepMRIError("--source-dir and --target-dir go together.")
-        pairs = FolderPairs(source_dir, target_dir, recipe.spacing, recipe.patch)
-    state = train(recipe, out, resume=resume, pairs=pairs)
+    if (source_dir or target_dir) and not (source_dir and target_dir):
+        raise DeepMRIError("--source-dir and --target-dir go together.")
+    if unpaired and not source_dir:
+        raise DeepMRIError(
+            "--unpaired trains on a site's own volumes: give --source-dir and --target-dir "
+            "(simulated pairs are paired by construction)."
+        )
+    if unpaired and (tissue_prior or init_from or source == ANY):
+        raise DeepMRIError("--unpaired takes neither --tissue-prior, --init-from nor --source any.")
+    pairs, site = None, None
+    if unpaired:
+        from deepmri.train.synthesize_unpaired import FolderVolumes, train_unpaired
+
+        sources = FolderVolumes(source_dir, "source", recipe.spacing, recipe.patch)
+        targets = FolderVolumes(target_dir, "target", recipe.spacing, recipe.patch)
+        site = {"volumes": (len(sources.volumes), len(targets.volumes))}
+        state = train_unpaired(recipe, out, sources, targets, resume=resume, command=command)
+    else:
+        if source_dir:
+            pairs = FolderPairs(source_dir, target_dir, recipe.spacing, recipe.patch)
+            site = {"volumes": (len(pairs.pairs), len(pairs.pairs))}
+        state = train(recipe, out, resume=resume, pairs=pairs, command=command)
+    if site:
+        site.update(source_dir=str(source_dir), target_dir=str(target_dir))
     if export:
         from deepmri.models import save_model
 
         generator = load_generator(recipe, out / "best_generator.pt")
-        save_model(generator, card_for(recipe, state, command), export)
+        save_model(generator, card_for(recipe, state, command, version, site), export)
     return state
 
 
