@@ -193,3 +193,45 @@ def test_sampled_input_protocols_keep_their_weighting_for_every_subject(contrast
         values = signal(sequence, subject_tissues(params))
         assert values[order[0]] > values[order[1]] > values[order[2]], (seed, sequence)
     assert len(kinds) >= 2  # both field strengths (and for T1w, MPRAGE and spoiled GRE)
+
+
+def test_thick_slices_average_each_slab_and_interpolate_back_on_the_same_grid():
+    from deepmri.simulate import thick_slices
+
+    rng = np.random.default_rng(0)
+    image = rng.random((12, 14, 10)).astype(np.float32)
+    thick = thick_slices(image, axis=1, factor=3, offset=1)
+    assert thick.shape == image.shape and thick.dtype == np.float32
+    # The centre voxel of each slab is that slab's mean (voxels 1-3, 4-6, ...; centres 2, 5, ...).
+    for start in range(1, 13, 3):
+        slab = image[:, start : start + 3].mean(axis=1)
+        np.testing.assert_allclose(thick[:, start + 1], slab, rtol=1e-5)
+    # Linear along the slices is kept inside; other axes are untouched.
+    ramp = np.broadcast_to(np.arange(14, dtype=np.float32)[None, :, None], image.shape)
+    np.testing.assert_allclose(thick_slices(ramp, 1, 3, 1)[:, 2:12], ramp[:, 2:12], atol=1e-5)
+    assert np.array_equal(thick_slices(image, 1, 1), image)
+
+
+def test_any_input_draws_every_sequence_kind_and_thick_slices_touch_only_the_input():
+    from deepmri.simulate import ANY, sample_input_sequence
+
+    rng = np.random.default_rng(1)
+    kinds = {sample_input_sequence(ANY, rng).kind for _ in range(60)}
+    assert kinds == {"spin-echo", "spoiled-gre", "inversion-recovery", "mprage"}
+    params = sample_subject(5, (ANY,), grid=SMALL, thick_probability=1.0)
+    assert params.resolution["factor"] in (2, 3, 4) and params.resolution["axis"] in (0, 1, 2)
+    thick = simulate_subject(params, (ANY, "T1w"))
+    thin_params = SubjectParameters.from_dict({**params.to_dict(), "resolution": None})
+    thin = simulate_subject(thin_params, (ANY, "T1w"))
+    assert np.array_equal(thick.images["T1w"], thin.images["T1w"])  # the target is untouched
+    axis = params.resolution["axis"]
+    inside = thin.brain
+    roughness = {
+        name: float(
+            np.abs(np.diff(subject.images[ANY], axis=axis))[np.delete(inside, 0, axis)].mean()
+        )
+        for name, subject in (("thick", thick), ("thin", thin))
+    }
+    assert roughness["thick"] < 0.8 * roughness["thin"]
+    # Without thick_probability a seed's subject is what it always was.
+    assert sample_subject(5, (ANY,), grid=SMALL).resolution is None

@@ -269,3 +269,31 @@ def test_unpaired_needs_site_folders(tmp_path, capsys):
     assert main(["train", "synthesize", "--out", str(tmp_path / "run"), "--unpaired"]) == 2
     assert "--unpaired trains on a site's own volumes" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_register_aligns_each_source_onto_its_target_before_paired_training(tmp_path):
+    """`--register`: a source displaced by 8 mm is put back onto its target by the task."""
+    import SimpleITK as sitk
+    from deepmri.io import write_image
+    from deepmri.train.synthesize import FolderPairs
+
+    for folder in ("t1", "t2"):
+        (tmp_path / folder).mkdir()
+    for index in range(2):
+        image, target, subject = make_pair(80 + index, "T1w", "T2w", SMALL)
+        for folder, array, shift in (("t1", image, 8.0), ("t2", target, 0.0)):
+            volume = sitk.GetImageFromArray(array)
+            volume.SetSpacing((4.0, 4.0, 4.0))
+            volume.SetOrigin((shift, 0.0, 0.0))  # the source's anatomy 8 mm to the left
+            write_image(volume, tmp_path / folder / f"case{index}.nii.gz")
+
+    def overlap(pairs) -> float:
+        source, target, brain = pairs.pair(0)
+        a, b = source > 0.05 * source.max(), target > 0.05 * target.max()
+        return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+    patch = (32, 32, 32)
+    as_given = FolderPairs(tmp_path / "t1", tmp_path / "t2", spacing=4.0, patch=patch)
+    aligned = FolderPairs(tmp_path / "t1", tmp_path / "t2", 4.0, patch, register="affine")
+    # Measured: 0.986 registered, 0.948 as given (2 voxels off); the same grid gives 0.995.
+    assert overlap(aligned) > 0.97 and overlap(aligned) > overlap(as_given) + 0.02

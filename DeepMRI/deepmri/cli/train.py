@@ -176,6 +176,13 @@ def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
         "--target-dir", type=Path, help="their co-registered targets, same file names"
     )
     synthesize.add_argument(
+        "--register",
+        nargs="?",
+        const="affine",
+        choices=["rigid", "affine", "deformable"],
+        help="align each source onto its target with the registration task first (affine)",
+    )
+    synthesize.add_argument(
         "--unpaired",
         action="store_true",
         help="CycleGAN on --source-dir / --target-dir volumes that are not pairs",
@@ -217,6 +224,7 @@ def _synthesize(arguments: argparse.Namespace) -> int:
         version=arguments.model_version,
         source_dir=arguments.source_dir,
         target_dir=arguments.target_dir,
+        register=arguments.register,
         unpaired=arguments.unpaired,
         cycle_weight=arguments.cycle_weight,
         identity_weight=arguments.identity_weight,

@@ -166,14 +166,25 @@ class FolderPairs:
     """A site's own co-registered pairs: files of the same name in `source_dir` and `target_dir`.
 
     Both are reoriented to RAS and resampled to `spacing`; the target is resampled onto the
-    source's grid (the pairs must already be registered). Inputs are brain-only (skull-stripped):
-    the source's non-zero voxels are the brain. The last `validation` pairs select the weights.
+    source's grid (the pairs must already be registered, or `register` names the registration
+    task's method, "rigid", "affine" or "deformable", that aligns each source onto its target
+    first). Inputs are brain-only (skull-stripped): the source's non-zero voxels are the brain.
+    The last `validation` pairs select the weights.
 
     Examples:
         >>> pairs = FolderPairs("site/t1", "site/t2", spacing=2.0)  # doctest: +SKIP
+        >>> pairs = FolderPairs("t1", "t2", 2.0, (64,) * 3, register="affine")  # doctest: +SKIP
     """
 
-    def __init__(self, source_dir, target_dir, spacing: float, patch, validation: int = 1):
+    def __init__(
+        self,
+        source_dir,
+        target_dir,
+        spacing: float,
+        patch,
+        validation: int = 1,
+        register: str | None = None,
+    ):
         from deepmri.geometry import resample_like
         from deepmri.io import read_image
 
@@ -186,8 +197,12 @@ class FolderPairs:
             )
         self.pairs = []
         for name in names:
-            source = read_on_grid(source_dir / name, spacing)
-            target = resample_like(read_image(target_dir / name), source)
+            source_image = read_image(source_dir / name)
+            target_image = read_image(target_dir / name)
+            if register:
+                source_image = registered(source_image, target_image, register)
+            source = on_grid(source_image, spacing)
+            target = resample_like(target_image, source)
             image = sitk_array(source)
             brain = image > 0
             arrays = [normalise_input(image, brain), normalise_target(sitk_array(target), brain)]
@@ -203,10 +218,24 @@ class FolderPairs:
 
 def read_on_grid(path: Path, spacing: float):
     """A volume from a file, reoriented to RAS and resampled to `spacing` mm (the model grid)."""
-    from deepmri.geometry import reorient, resample_to_spacing
     from deepmri.io import read_image
 
-    return resample_to_spacing(reorient(read_image(path), "RAS"), [spacing] * 3)
+    return on_grid(read_image(path), spacing)
+
+
+def on_grid(image, spacing: float):
+    """`image` reoriented to RAS and resampled to `spacing` mm (the model grid)."""
+    from deepmri.geometry import reorient, resample_to_spacing
+
+    return resample_to_spacing(reorient(image, "RAS"), [spacing] * 3)
+
+
+def registered(moving, fixed, method: str):
+    """`moving` aligned onto `fixed` (on its grid) by the project's registration task."""
+    from deepmri.tasks import get_task
+
+    result = get_task("register")({"fixed": fixed, "moving": moving}, {"method": method})
+    return result.images["warped"]
 
 
 def sitk_array(image) -> np.ndarray:
@@ -659,9 +688,14 @@ def _site_description(recipe: SynthesisRecipe, site: dict[str, Any]) -> str:
             f"{site['source_dir']}, {site['volumes'][1]} {recipe.target} in "
             f"{site['target_dir']}, brain-only, drawn in independent random orders. "
         )
+    aligned = (
+        f"each source aligned onto its target by the registration task ({site['register']})"
+        if site.get("register")
+        else "co-registered beforehand"
+    )
     return (
-        f"Trained on a site's own co-registered pairs ({site['volumes'][0]} pairs of the same "
-        f"file name in {site['source_dir']} and {site['target_dir']}), brain-only. "
+        f"Trained on a site's own pairs ({site['volumes'][0]} pairs of the same file name in "
+        f"{site['source_dir']} and {site['target_dir']}, {aligned}), brain-only. "
     )
 
 
@@ -731,6 +765,7 @@ def run_recipe(
     version: str = "0.1.0",
     source_dir: Path | None = None,
     target_dir: Path | None = None,
+    register: str | None = None,
     unpaired: bool = False,
     cycle_weight: float = 10.0,
     identity_weight: float = 0.0,
@@ -784,8 +819,12 @@ def run_recipe(
             "--unpaired trains on a site's own volumes: give --source-dir and --target-dir "
             "(simulated pairs are paired by construction)."
         )
-    if unpaired and (tissue_prior or init_from or source == ANY):
-        raise DeepMRIError("--unpaired takes neither --tissue-prior, --init-from nor --source any.")
+    if unpaired and (tissue_prior or init_from or source == ANY or register):
+        raise DeepMRIError(
+            "--unpaired takes neither --tissue-prior, --init-from, --register nor --source any."
+        )
+    if register and not source_dir:
+        raise DeepMRIError("--register aligns a site's own pairs: give --source-dir/--target-dir.")
     pairs, site = None, None
     if unpaired:
         from deepmri.train.synthesize_unpaired import FolderVolumes, train_unpaired
@@ -796,8 +835,10 @@ def run_recipe(
         state = train_unpaired(recipe, out, sources, targets, resume=resume, command=command)
     else:
         if source_dir:
-            pairs = FolderPairs(source_dir, target_dir, recipe.spacing, recipe.patch)
-            site = {"volumes": (len(pairs.pairs), len(pairs.pairs))}
+            pairs = FolderPairs(
+                source_dir, target_dir, recipe.spacing, recipe.patch, register=register
+            )
+            site = {"volumes": (len(pairs.pairs), len(pairs.pairs)), "register": register}
         state = train(recipe, out, resume=resume, pairs=pairs, command=command)
     if site:
         site.update(source_dir=str(source_dir), target_dir=str(target_dir))
