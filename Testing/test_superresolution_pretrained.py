@@ -104,6 +104,30 @@ def test_run_recipe_records_the_command_chain_of_a_resumed_run(tmp_path):
     assert card.training["command"] == "second"
 
 
+def test_bf16_training_with_a_moving_average_validates_and_resumes_the_average(tmp_path):
+    """`--bf16 --ema D`: the steps run under bfloat16 autocast; the averaged weights (not the raw
+    ones) are validated, kept as best.pt and carried over a resume."""
+    import torch
+
+    recipe = SuperResolveRecipe(
+        **{**TINY.__dict__, "bf16": True, "ema": 0.5, "learning_rate": 1e-2}
+    )
+    volumes = tiny_volumes()
+    train(recipe, tmp_path, volumes, log=lambda message: None)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    raw, average = saved["network"], saved["ema"]
+    assert any(not torch.equal(raw[key], average[key]) for key in raw)
+    network = ThickSliceNet3d(recipe.width, recipe.depth)
+    network.load_state_dict(average)
+    scores = recipe_module.validate(network, recipe_module.validation_set(volumes, recipe), recipe)
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert last["net_4x"] == pytest.approx(scores["net_4x"], abs=1e-4)
+    longer = SuperResolveRecipe(**{**recipe.__dict__, "iterations": 6})
+    assert train(longer, tmp_path, volumes, resume=True, log=lambda message: None)["iteration"] == 6
+    resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["ema"]
+    assert any(not torch.equal(average[key], resumed[key]) for key in average)
+
+
 def test_training_pairs_are_the_forward_model_then_cubic():
     """A patch's input is its truth acquired thick (profile, factor) and cubic-interpolated back:
     flat truth stays flat, and the conditioning channels say the spacing and slice phase."""
