@@ -235,8 +235,8 @@ def test_bundled_model_beats_cubic_on_an_mni_crop(mni_t1, factor, thickness, sha
     """The shipped thick-to-thin-3d on an MNI152 crop (training anatomy, so a working check, not
     a held-out figure: those are Colin27's in Docs/superresolution.md).
 
-    Measured with 0.2.0: +0.79 (4x Gaussian), +0.53 (4x rect, 1 mm gap), +0.66 dB (6x) over cubic
-    B-spline (0.1.0: +0.54, +0.44, +0.43); required: +0.25 dB.
+    Measured with 0.3.0: +1.74 (4x Gaussian), +1.24 (4x rect, 1 mm gap), +1.06 dB (6x) over cubic
+    B-spline (0.2.0: +0.79, +0.53, +0.66; 0.1.0: +0.54, +0.44, +0.43); required: +0.8 dB.
     """
     from deepmri.models.store import ModelStore
     from deepmri.superres.settings import PRETRAINED_MODEL
@@ -259,6 +259,6 @@ def test_bundled_model_beats_cubic_on_an_mni_crop(mni_t1, factor, thickness, sha
     cubic = superresolve(thick, method="cubic", **options).image
     assert restored.image.GetSize() == truth.GetSize()
     np.testing.assert_allclose(restored.image.GetOrigin(), truth.GetOrigin(), atol=1e-9)
-    assert psnr(restored.image) > psnr(cubic) + 0.25
+    assert psnr(restored.image) > psnr(cubic) + 0.8
     spread = sitk.GetArrayFromImage(restored.uncertainty)
     assert spread.min() >= 0 and 0 < spread.mean() < values.std()
