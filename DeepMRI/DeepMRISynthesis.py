@@ -21,6 +21,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 TARGETS = ["T2w", "FLAIR", "T1w"]
+SOURCES = ["any", "T1w", "T2w", "FLAIR", "PDw"]  # deepmri.tasks.synthesize.SOURCES
 
 
 class DeepMRISynthesis(ScriptedLoadableModule):
@@ -58,13 +59,15 @@ Brain Imaging Centre, MNI). It runs in 3D Slicer on PyTorch, MONAI and SimpleITK
 class DeepMRISynthesisParameterNode:
     """Everything the module panel shows; saved with the scene.
 
-    inputVolume - the acquired source. target - the contrast to synthesise. skullStripped -
+    inputVolume - the acquired source. target - the contrast to synthesise. source - the
+    source's contrast if known (picks the model; "any": not said). skullStripped -
     the source is brain-only. uncertainty - also its map. outputVolume/uncertaintyVolume - the
     latest result.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     target: Annotated[str, Choice(TARGETS)] = "T2w"
+    source: Annotated[str, Choice(SOURCES)] = "any"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     skullStripped: bool = False
     uncertainty: bool = False
@@ -86,6 +89,7 @@ class DeepMRISynthesisWidget(widgets.PanelMixin, ScriptedLoadableModuleWidget, V
             what=_("Synthesis failed"),
             device=parameters.device,
             target=parameters.target,
+            source=parameters.source,
             skull_stripped=parameters.skullStripped,
             wanted=["uncertainty"] if parameters.uncertainty else [],
         )

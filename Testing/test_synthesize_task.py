@@ -190,3 +190,18 @@ def test_card_that_averages_flips_gives_one_image_with_or_without_uncertainty(tm
     assert not np.allclose(plain, with_map)  # the flips change the image: the test can fail
     np.testing.assert_allclose(run("unet-true", False), with_map, atol=1e-5)
     np.testing.assert_allclose(run("unet-true", True), with_map, atol=1e-5)
+
+
+def test_model_is_chosen_by_the_source_contrast_where_a_dedicated_one_exists(store, brain_like):
+    from deepmri.tasks.synthesize import default_model
+
+    assert default_model("T2w") == default_model("T2w", "T1w") == "t1w-to-t2w"
+    # T1w from any source: the any-contrast model (better than t2w-to-t1w even on T2w inputs).
+    assert default_model("T1w") == default_model("T1w", "FLAIR") == "any-to-t1w"
+    assert default_model("T1w", "T2w") == "any-to-t1w"
+    with pytest.raises(ModelError, match="No model makes a synthetic T2w from FLAIR"):
+        get_task("synthesize")(
+            {"image": brain_like},
+            {"target": "T2w", "source": "FLAIR", "skull_stripped": True},
+            RunContext(store=store),
+        )

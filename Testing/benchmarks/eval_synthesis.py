@@ -4,10 +4,13 @@ Simulated subjects never seen in training (their own seeds: deformation, protoco
 jitter, bias and noise) by MAE, PSNR and SSIM inside the brain; the real Colin27 T1 (no truth):
 tissue-contrast ordering of the synthetic image inside tissue masks; a lesion check: a 10 mm
 lesion with its own relaxation times, simulated into a held-out subject, must show in the
-synthetic image with the sign the simulator predicts. Targets without a model report null with
-the reason. Last line: JSON.
+synthetic image with the sign the simulator predicts. The any -> T1w model is scored on the
+same held-out subjects seen through several input conditions (`ANY_CONDITIONS`: T2w, PDw,
+FLAIR and thick-slice ones), `*_t1w_from_any` the mean over them and `*_t1w_from_any_min` the
+worst; its baseline is told each condition's contrast (its table is fitted per condition).
+Targets without a model report null with the reason. Last line: JSON.
 
-    python Testing/benchmarks/eval_synthesis.py [--subjects 6] [--write-docs Docs/synthesis.md]
+    python Testing/benchmarks/eval_synthesis.py [--subjects 6] [--pictures Docs/images]
 """
 
 from __future__ import annotations
@@ -24,17 +27,33 @@ import SimpleITK as sitk
 import torch
 from deepmri import data
 from deepmri.errors import ModelError
-from deepmri.simulate import LESION
+from deepmri.simulate import ANY, LESION, sample_input_sequence, sample_subject
 from deepmri.tasks.segment_classical import classical_tissue
-from deepmri.tasks.synthesize import DEFAULT_MODELS, synthesize, tissue_prior
-from deepmri.train.synthesize import TEST_SEEDS, Grid, make_pair
+from deepmri.tasks.synthesize import default_model, synthesize, tissue_prior
+from deepmri.train.synthesize import TEST_SEEDS, Grid, make_pair, pair_from_parameters
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-# (key suffix, input contrast, target contrast)
-PAIRS = (("t2w", "T1w", "T2w"), ("flair", "T1w", "FLAIR"), ("t1w_from_t2w", "T2w", "T1w"))
+# (key suffix, input contrast, target contrast, model scored)
+PAIRS = (
+    ("t2w", "T1w", "T2w", "t1w-to-t2w"),
+    ("flair", "T1w", "FLAIR", "t1w-to-flair"),
+    ("t1w_from_t2w", "T2w", "T1w", "t2w-to-t1w"),
+)
 BASELINE_SEEDS = 800_000_000  # fits the baseline's class -> intensity table (not test subjects)
 LESION_SEED = TEST_SEEDS + 5_000
+# any -> T1w: (key suffix, input family for `sample_input_sequence`, slice thickness in grid
+# voxels or 0). The same held-out subjects (ANY_TEST_SEEDS + i) in every condition.
+ANY_CONDITIONS = (
+    ("t2w", "T2w", 0),
+    ("pdw", "PDw", 0),
+    ("flair", "FLAIR", 0),
+    ("t2w_thick6mm", "T2w", 3),
+    ("flair_thick6mm", "FLAIR", 3),
+    ("t1w_thick8mm", "T1w", 4),
+)
+ANY_TEST_SEEDS = TEST_SEEDS + 10_000
+ANY_MODEL = "any-to-t1w"
 GRID = Grid()
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,18 +96,29 @@ def tissue_classes(image: np.ndarray, brain: np.ndarray, source: str) -> np.ndar
     return sitk.GetArrayFromImage(classical_tissue(sitk.GetImageFromArray(values), mask))
 
 
+def any_condition_pair(seed: int, family: str, factor: int):
+    """A subject whose input is of `family` (sampled timings), in `factor`-voxel slices if > 0."""
+    params = sample_subject(seed, (ANY,), grid=GRID)
+    rng = np.random.default_rng([seed, 7])
+    params.sequences[ANY] = sample_input_sequence(family, rng).to_dict()
+    if factor:
+        params.resolution = {"axis": int(rng.integers(3)), "factor": factor, "offset": 0}
+    return pair_from_parameters(params, ANY, "T1w")
+
+
 class PerTissueBaseline:
     """Segment the input into CSF/GM/WM, paint each class with its mean target intensity.
 
     The table (class -> mean normalised target) is fitted on simulated subjects of their own
-    seeds, neither training nor test subjects.
+    seeds, neither training nor test subjects; `maker(seed)` makes them (default: `make_pair`).
     """
 
-    def __init__(self, source: str, target: str, subjects: int) -> None:
+    def __init__(self, source: str, target: str, subjects: int, maker=None) -> None:
         self.source = source
+        maker = maker or (lambda seed: make_pair(seed, source, target, GRID))
         sums, counts = np.zeros(4), np.zeros(4)
         for index in range(subjects):
-            image, truth, subject = make_pair(BASELINE_SEEDS + index, source, target, GRID)
+            image, truth, subject = maker(BASELINE_SEEDS + index)
             labels = tissue_classes(image, subject.brain, source)
             for value in (1, 2, 3):
                 where = labels == value
@@ -107,33 +137,34 @@ def network_prediction(model: str, subject, source: str, target: str) -> np.ndar
     return sitk.GetArrayFromImage(result.image)
 
 
-def installed_model(target: str) -> str | None:
+def installed_model(target: str, source: str = "T1w") -> str | None:
+    """The id of the model the task picks for (source, target), if it is installed."""
     from deepmri.models import ModelStore
 
     try:
-        return ModelStore().get(DEFAULT_MODELS[target]).card.id
+        return ModelStore().get(default_model(target, source)).card.id
     except ModelError:
         return None
 
 
-def model_prior(target: str) -> dict | None:
+def model_prior(model: str) -> dict | None:
     """The card's `input.prior` of the installed model (a network that corrects a prior)."""
     from deepmri.models import ModelStore
 
     try:
-        return ModelStore().get(DEFAULT_MODELS[target]).card.input.get("prior")
+        return ModelStore().get(model).card.input.get("prior")
     except ModelError:
         return None
 
 
 def evaluate_simulated(subjects: int, baseline_subjects: int, results: dict, notes: dict) -> dict:
     examples = {}
-    for key, source, target in PAIRS:
+    for key, source, target, model_id in PAIRS:
         baseline = PerTissueBaseline(source, target, baseline_subjects)
-        model = installed_model(target)
+        model = model_id if installed(model_id) else None
         # A model that corrects a per-tissue prior: the prior alone is scored too ("prior_"),
         # so the table says what the network adds to its own starting point.
-        prior = model_prior(target) if model else None
+        prior = model_prior(model_id) if model else None
         metrics = {name: {"net": [], "base": [], "prior": []} for name in ("psnr", "ssim", "mae")}
         for index in range(subjects):
             image, truth, subject = make_pair(TEST_SEEDS + index, source, target, GRID)
@@ -155,8 +186,77 @@ def evaluate_simulated(subjects: int, baseline_subjects: int, results: dict, not
             if prior:
                 results[f"prior_{name}_{key}"] = float(np.mean(values["prior"]))
         if not model:
-            notes[key] = f"no {source} -> {target} model is installed ({DEFAULT_MODELS[target]})"
+            notes[key] = f"no {source} -> {target} model is installed ({model_id})"
     return examples
+
+
+def evaluate_any(
+    subjects: int, baseline_subjects: int, model: str, results: dict, notes: dict
+) -> dict:
+    """any -> T1w on the held-out subjects through each of `ANY_CONDITIONS`, with baselines.
+
+    The dedicated T2w -> T1w model is scored on the T2w conditions too (`*_by_t2w_model`), which
+    is what the task's choice of model by source contrast rests on.
+    """
+    model_id = model if installed(model) else None
+    if not model_id:
+        notes["t1w_from_any"] = f"no any -> T1w model is installed ({model})"
+    dedicated = T2W_TO_T1W if installed(T2W_TO_T1W) else None
+    per = {name: {"net": [], "base": []} for name in ("psnr", "ssim", "mae")}
+    examples = {}
+    for key, family, factor in ANY_CONDITIONS:
+        maker = lambda seed, f=family, k=factor: any_condition_pair(seed, f, k)  # noqa: E731
+        baseline = PerTissueBaseline(family, "T1w", baseline_subjects, maker)
+        scores = {name: {"net": [], "base": [], "t2w_model": []} for name in per}
+        for index in range(subjects):
+            image, truth, subject = maker(ANY_TEST_SEEDS + index)
+            brain = subject.brain
+            predictions = {"base": baseline(image, brain)}
+            if model_id:
+                predictions["net"] = network_prediction(model_id, subject, ANY, "T1w")
+            if dedicated and family == "T2w":
+                predictions["t2w_model"] = network_prediction(dedicated, subject, ANY, "T1w")
+            for which, prediction in predictions.items():
+                scores["psnr"][which].append(psnr(prediction, truth, brain))
+                scores["ssim"][which].append(ssim(prediction, truth, brain))
+                scores["mae"][which].append(mae(prediction, truth, brain))
+            if index == 0:
+                examples[key] = (image, truth, predictions, brain)
+        for name, values in scores.items():
+            for which, prefix in (("net", ""), ("base", "baseline_")):
+                mean = float(np.mean(values[which])) if values[which] else None
+                results[f"{prefix}{name}_t1w_from_any_{key}"] = mean
+                if mean is not None:
+                    per[name][which].append(mean)
+            if values["t2w_model"]:
+                results[f"{name}_t1w_from_any_{key}_by_t2w_model"] = float(
+                    np.mean(values["t2w_model"])
+                )
+    for name, values in per.items():
+        worst = max if name == "mae" else min
+        for which, prefix in (("net", ""), ("base", "baseline_")):
+            results[f"{prefix}{name}_t1w_from_any"] = (
+                float(np.mean(values[which])) if values[which] else None
+            )
+            results[f"{prefix}{name}_t1w_from_any_min"] = (
+                float(worst(values[which])) if values[which] else None
+            )
+    results["t1w_from_any_conditions"] = [key for key, _, _ in ANY_CONDITIONS]
+    return examples
+
+
+def installed(model: str) -> bool:
+    """Whether the store finds `model` (an id or a model folder)."""
+    from deepmri.models import ModelStore
+
+    try:
+        ModelStore().get(model)
+    except ModelError:
+        return False
+    return True
+
+
+T2W_TO_T1W = "t2w-to-t1w"
 
 
 def evaluate_colin(results: dict, notes: dict) -> dict | None:
@@ -295,6 +395,48 @@ def save_pictures(simulated, colin, lesion, folder: Path) -> list[str]:
     return written
 
 
+def save_any_picture(examples: dict, folder: Path) -> list[str]:
+    """One held-out subject through each input condition: input, truth, baseline, network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not examples:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = ("input", "truth T1w", "per-tissue baseline", "any-to-t1w")
+    figure, axes = plt.subplots(len(examples), 4, figsize=(8, 2.1 * len(examples)))
+    for row, (key, (image, truth, predictions, brain)) in enumerate(examples.items()):
+        centre = image.shape[0] // 2
+        volumes = (image, truth, predictions["base"], predictions.get("net"))
+        for column, volume in enumerate(volumes):
+            axis = axes[row, column]
+            axis.axis("off")
+            if volume is None:
+                continue
+            top = float(np.percentile(volume[brain], 99.5))
+            axis.imshow(volume[centre], cmap="gray", origin="lower", vmin=0, vmax=top)
+            if row == 0:
+                axis.set_title(columns[column], fontsize=9)
+        axes[row, 0].text(
+            -0.05,
+            0.5,
+            key,
+            transform=axes[row, 0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=8,
+        )
+    figure.suptitle("any -> T1w: one held-out subject (2 mm), axial", fontsize=10)
+    figure.tight_layout()
+    path = folder / "synthesis-any-to-t1w.png"
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return [str(path)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=6, help="held-out simulated subjects")
@@ -304,16 +446,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update-cards", action="store_true", help="write the metrics into the bundled cards"
     )
+    parser.add_argument(
+        "--any-model", default=ANY_MODEL, help="the any -> T1w model (an id or a model folder)"
+    )
+    parser.add_argument(
+        "--only-any", action="store_true", help="only the any -> T1w evaluation (no Colin27)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results: dict[str, Any] = {}
     notes: dict[str, str] = {}
-    simulated = evaluate_simulated(args.subjects, args.baseline_subjects, results, notes)
-    colin = evaluate_colin(results, notes)
-    lesion = evaluate_lesion(results, notes)
+    simulated, colin, lesion = {}, None, {}
+    if not args.only_any:
+        simulated = evaluate_simulated(args.subjects, args.baseline_subjects, results, notes)
+    any_examples = evaluate_any(
+        args.subjects, args.baseline_subjects, args.any_model, results, notes
+    )
+    if not args.only_any:
+        colin = evaluate_colin(results, notes)
+        lesion = evaluate_lesion(results, notes)
     if args.pictures:
         results["pictures"] = save_pictures(simulated, colin, lesion, args.pictures)
+        results["pictures"] += save_any_picture(any_examples, args.pictures)
     results["held_out_subjects"] = args.subjects
     results["seconds_total"] = time.perf_counter() - started
     results["notes"] = notes
@@ -327,9 +482,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 CARD_METRICS = {
-    "T2w": [("psnr", "psnr_t2w"), ("ssim", "ssim_t2w"), ("mae", "mae_t2w")],
-    "FLAIR": [("psnr", "psnr_flair"), ("ssim", "ssim_flair"), ("mae", "mae_flair")],
-    "T1w": [("psnr", "psnr_t1w_from_t2w"), ("ssim", "ssim_t1w_from_t2w")],
+    "t1w-to-t2w": [("psnr", "psnr_t2w"), ("ssim", "ssim_t2w"), ("mae", "mae_t2w")],
+    "t1w-to-flair": [("psnr", "psnr_flair"), ("ssim", "ssim_flair"), ("mae", "mae_flair")],
+    "t2w-to-t1w": [("psnr", "psnr_t1w_from_t2w"), ("ssim", "ssim_t1w_from_t2w")],
+    ANY_MODEL: [
+        ("psnr", "psnr_t1w_from_any"),
+        ("ssim", "ssim_t1w_from_any"),
+        ("mae", "mae_t1w_from_any"),
+        ("psnr_worst_condition", "psnr_t1w_from_any_min"),
+        ("ssim_worst_condition", "ssim_t1w_from_any_min"),
+    ],
 }
 
 
@@ -344,9 +506,16 @@ def update_cards(results: dict, argv: list[str] | None) -> None:
         "deformation, protocol, tissue jitter, bias and noise never used in training), "
         "inside the brain, 2 mm"
     )
-    for target, entries in CARD_METRICS.items():
+    any_dataset = (
+        f"{results['held_out_subjects']} held-out simulated subjects (seeds {ANY_TEST_SEEDS}+i, "
+        "never used in training) each seen as "
+        + ", ".join(results.get("t1w_from_any_conditions") or [])
+        + "; the mean over these conditions (worst_condition: the lowest), inside the brain, "
+        "2 mm; the baseline is told each condition's contrast"
+    )
+    for model_id, entries in CARD_METRICS.items():
         try:
-            model = ModelStore().get(DEFAULT_MODELS[target])
+            model = ModelStore().get(model_id)
         except ModelError:
             continue
         card = model.card.to_dict()
@@ -355,7 +524,7 @@ def update_cards(results: dict, argv: list[str] | None) -> None:
                 "name": f"{name}_heldout_simulated",
                 "value": round(results[key], 4),
                 "baseline": round(results[f"baseline_{key}"], 4),
-                "dataset": dataset,
+                "dataset": any_dataset if model_id == ANY_MODEL else dataset,
                 "command": command,
             }
             for name, key in entries
@@ -372,9 +541,10 @@ def update_cards(results: dict, argv: list[str] | None) -> None:
             for name, key in entries
             if results.get(f"prior_{key}") is not None
         ]
-        lesion_key = {"T2w": "lesion_contrast_ok_t2w", "FLAIR": "lesion_contrast_ok_flair"}.get(
-            target
-        )
+        lesion_key = {
+            "t1w-to-t2w": "lesion_contrast_ok_t2w",
+            "t1w-to-flair": "lesion_contrast_ok_flair",
+        }.get(model_id)
         if lesion_key and results.get(lesion_key) is not None:
             metrics.append(
                 {
@@ -384,6 +554,8 @@ def update_cards(results: dict, argv: list[str] | None) -> None:
                     "command": command,
                 }
             )
+        if not metrics:  # not evaluated in this run (e.g. --only-any): the card keeps its own
+            continue
         card["metrics"] = metrics
         ModelCard.from_dict(card).save(model.path / CARD_FILE)
 

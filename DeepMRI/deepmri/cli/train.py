@@ -156,6 +156,12 @@ def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
         help="give the network the per-tissue prior as a second channel and learn a correction",
     )
     synthesize.add_argument(
+        "--prior-subjects",
+        type=int,
+        default=3,
+        help="training subjects the prior's tissue table is fitted on (least squares)",
+    )
+    synthesize.add_argument(
         "--iterations",
         type=int,
         default=None,
@@ -215,6 +221,7 @@ def _synthesize(arguments: argparse.Namespace) -> int:
         init_from=arguments.init_from,
         loss_inside_brain=arguments.loss_inside_brain,
         tissue_prior=arguments.tissue_prior,
+        prior_subjects=arguments.prior_subjects,
         iterations=arguments.iterations,
         bf16=arguments.bf16,
         validation_subjects=arguments.validation_subjects,

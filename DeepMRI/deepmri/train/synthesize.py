@@ -294,10 +294,18 @@ def fit_prior_table(recipe: SynthesisRecipe) -> list[float]:
     for index in range(recipe.prior_subjects):
         seed = TRAIN_SEEDS + recipe.seed * 1_000_000 + index
         image, target, subject = make_pair(seed, recipe.source, recipe.target, recipe.grid)
-        rows.append(tissue_posteriors(image, subject.brain, invert=recipe.source != "T1w"))
+        rows.append(tissue_posteriors(image, subject.brain, **_posterior_options(recipe)))
         values.append(target[subject.brain])
     table = np.linalg.lstsq(np.concatenate(rows), np.concatenate(values), rcond=None)[0]
     return [round(float(value), 6) for value in table]
+
+
+def _posterior_options(recipe: SynthesisRecipe) -> dict[str, Any]:
+    """How the classes of the input are named: by intensity for a known contrast, by anatomy
+    for `--source any` (`deepmri.tasks.synthesize.anatomical_order`)."""
+    if recipe.source == ANY:
+        return {"invert": False, "order": "anatomy"}
+    return {"invert": recipe.source != "T1w", "order": "intensity"}
 
 
 def prior_spec(recipe: SynthesisRecipe, table: list[float]) -> dict[str, Any]:
@@ -306,7 +314,7 @@ def prior_spec(recipe: SynthesisRecipe, table: list[float]) -> dict[str, Any]:
         "method": "gmm-tissue-posteriors",
         "classes": ["csf", "gm", "wm"],
         "table": list(table),
-        "invert": recipe.source != "T1w",
+        **_posterior_options(recipe),
         "channel": 1,
     }
 
@@ -383,6 +391,11 @@ class SynthesisRun:
         if command:
             self.state["commands"].append(command)
         self.budget = recipe.minutes * 60.0
+        self.start_clock()
+
+    def start_clock(self) -> None:
+        """Count the budget from now (plus the minutes of earlier legs): call it once the
+        validation set is made, which the budget does not pay for."""
         self.started = time.monotonic() - self.state["minutes"] * 60.0
 
     @property
@@ -522,6 +535,7 @@ def train(
             for i in range(recipe.validation_subjects)
         ]
     validation = [(with_prior(x, s.brain, prior), y, s) for x, y, s in validation]
+    run.start_clock()
 
     def validate(loss_l1: float | None, adversarial: bool) -> None:
         figures = validation_figures(generator, validation, recipe.patch)
@@ -756,6 +770,7 @@ def run_recipe(
     init_from: Path | None = None,
     loss_inside_brain: bool = False,
     tissue_prior: bool = False,
+    prior_subjects: int = 3,
     iterations: int | None = None,
     bf16: bool = False,
     validation_subjects: int = 4,
@@ -794,6 +809,7 @@ def run_recipe(
         init_from=str(init_from) if init_from else None,
         loss_inside_brain=loss_inside_brain,
         tissue_prior=tissue_prior,
+        prior_subjects=prior_subjects,
         iterations=iterations,
         bf16=bf16,
         validation_subjects=validation_subjects,
@@ -805,11 +821,6 @@ def run_recipe(
     if channels:
         recipe.channels = tuple(channels)
         recipe.strides = (2,) * (len(channels) - 1)
-    if tissue_prior and source == ANY:
-        raise DeepMRIError(
-            "--tissue-prior needs a known input contrast (its tissue classes are ordered by "
-            "it); it cannot be used with --source any."
-        )
     if init_from and not Path(init_from).exists():
         raise DeepMRIError(f"--init-from {init_from}: no such file or model folder.")
     if (source_dir or target_dir) and not (source_dir and target_dir):

@@ -168,6 +168,7 @@ def train_unpaired(
     source_order = Shuffled(len(sources.training), np.random.default_rng([recipe.seed, 1]))
     target_order = Shuffled(len(targets.training), np.random.default_rng([recipe.seed, 2]))
     run.state.setdefault("drawn", [])  # (source, target) volume indices: no pairing, by design
+    run.start_clock()
 
     def validate(losses: dict[str, float]) -> None:
         maes, psnrs = cycle_figures(g, g_back, sources.validation, recipe.patch)
