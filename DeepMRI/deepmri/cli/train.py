@@ -203,7 +203,7 @@ def _add_synthesize(tasks: argparse._SubParsersAction) -> None:
 
 
 def _synthesize(arguments: argparse.Namespace) -> int:
-    from deepmri.train.synthesize import run_recipe
+    from deepmri.train.synthesize_recipe import run_recipe
 
     run_recipe(
         arguments.source,
