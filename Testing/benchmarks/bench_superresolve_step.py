@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,16 +34,8 @@ from deepmri.train.superresolve import (
     validation_set,
 )
 
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_train_step import cpu_flags  # noqa: E402 (the benchmarks' folder, as a script)
 
 
 def training_step(
