@@ -310,6 +310,14 @@ def _validate_preprocessing(data: Any) -> dict[str, Any]:
     return {**data, "spacing": spacing, "orientation": orientation, "normalization": normalization}
 
 
+def flips_to_run(inference: dict[str, Any], with_uncertainty: bool) -> list[list[int]]:
+    """The flips a run of this card's `inference` makes: all of them when the card asks for
+    `average_flips` (the result is always their mean, so the same with or without the
+    uncertainty map), otherwise only when the uncertainty map is asked for."""
+    wanted = with_uncertainty or bool(inference.get("average_flips"))
+    return list(inference.get("flips", [])) if wanted else []
+
+
 def _validate_inference(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _fail("inference", "an object with patch_size and overlap", data)

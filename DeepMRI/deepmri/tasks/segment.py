@@ -281,6 +281,7 @@ def _run_model(
     import torch
 
     from deepmri import engine
+    from deepmri.models.card import flips_to_run
 
     card = _card_dict(model)
     progress(0.0, f"Preparing the input for {card['id']}")
@@ -289,10 +290,7 @@ def _run_model(
     check_cancel(cancel)
     network = model.load_network(device=device)
     inference = card.get("inference", {})
-    # "average_flips": the labels always come from the mean over the card's test-time flips (the
-    # same labels with or without the uncertainty map); otherwise flips run only for the map.
-    averaged = bool(inference.get("average_flips"))
-    flips = inference.get("flips", []) if (with_uncertainty or averaged) else []
+    flips = flips_to_run(inference, with_uncertainty)
     tensor = torch.from_numpy(sitk.GetArrayFromImage(model_grid))[None, None]
     result = engine.infer(
         network,

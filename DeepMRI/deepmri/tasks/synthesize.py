@@ -216,6 +216,7 @@ def _run_model(image, model, device, precision, mask, with_uncertainty, progress
     import torch
 
     from deepmri import engine
+    from deepmri.models.card import flips_to_run
 
     card = model.card
     progress(0.0, f"Preparing the input for {card.id}")
@@ -223,10 +224,7 @@ def _run_model(image, model, device, precision, mask, with_uncertainty, progress
     model_grid, trace = steps(image)
     check_cancel(cancel)
     network = model.load_network(device=device)
-    # "average_flips": the synthetic image is always the mean over the card's test-time flips
-    # (the same image with or without the uncertainty map); otherwise flips run only for the map.
-    averaged = bool(card.inference.get("average_flips"))
-    flips = card.inference.get("flips", []) if (with_uncertainty or averaged) else []
+    flips = flips_to_run(card.inference, with_uncertainty)
     values = sitk.GetArrayFromImage(model_grid)
     prior = card.input.get("prior")
     if prior:
