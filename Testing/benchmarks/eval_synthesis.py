@@ -174,10 +174,7 @@ def evaluate_simulated(subjects: int, baseline_subjects: int, results: dict, not
                 predictions["net"] = network_prediction(model, subject, source, target)
             if prior:
                 predictions["prior"] = tissue_prior(image, brain, prior)
-            for which, prediction in predictions.items():
-                metrics["psnr"][which].append(psnr(prediction, truth, brain))
-                metrics["ssim"][which].append(ssim(prediction, truth, brain))
-                metrics["mae"][which].append(mae(prediction, truth, brain))
+            score_predictions(metrics, predictions, truth, brain)
             if index == 0:
                 examples[key] = (image, truth, predictions, brain)
         for name, values in metrics.items():
@@ -188,6 +185,14 @@ def evaluate_simulated(subjects: int, baseline_subjects: int, results: dict, not
         if not model:
             notes[key] = f"no {source} -> {target} model is installed ({model_id})"
     return examples
+
+
+def score_predictions(scores: dict, predictions: dict, truth, brain) -> None:
+    """Append each prediction's PSNR, SSIM and MAE inside the brain to scores[metric][which]."""
+    for which, prediction in predictions.items():
+        scores["psnr"][which].append(psnr(prediction, truth, brain))
+        scores["ssim"][which].append(ssim(prediction, truth, brain))
+        scores["mae"][which].append(mae(prediction, truth, brain))
 
 
 def evaluate_any(
@@ -216,10 +221,7 @@ def evaluate_any(
                 predictions["net"] = network_prediction(model_id, subject, ANY, "T1w")
             if dedicated and family == "T2w":
                 predictions["t2w_model"] = network_prediction(dedicated, subject, ANY, "T1w")
-            for which, prediction in predictions.items():
-                scores["psnr"][which].append(psnr(prediction, truth, brain))
-                scores["ssim"][which].append(ssim(prediction, truth, brain))
-                scores["mae"][which].append(mae(prediction, truth, brain))
+            score_predictions(scores, predictions, truth, brain)
             if index == 0:
                 examples[key] = (image, truth, predictions, brain)
         for name, values in scores.items():
