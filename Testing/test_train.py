@@ -18,9 +18,14 @@ from deepmri.intensity import normalize_percentile  # noqa: E402
 from deepmri.train.labels import (  # noqa: E402
     BRAIN_LABELS,
     CSF,
+    CSF_BORDER_MM,
+    FAR_CSF,
+    GREY,
     OUTER_CSF,
     SHELL_FIRST,
+    WHITE,
     mni_source,
+    split_outer_csf,
 )
 from deepmri.train.synth import (  # noqa: E402
     BRAIN_EXTRACTION,
@@ -60,7 +65,10 @@ def test_mni_label_map_is_brain_only_with_plausible_tissue_volumes(sources):
     assert 140 < volumes[CSF] + volumes[OUTER_CSF] < 180
     assert 60 < volumes[OUTER_CSF] < 90 and 70 < volumes[CSF] < 100
     assert 1050 < volumes[2] < 1130 and 600 < volumes[3] < 670
-    assert set(np.unique(mni.labels)) == {0, *BRAIN_LABELS}
+    assert {0, *BRAIN_LABELS} <= set(np.unique(mni.labels)) <= {0, *BRAIN_LABELS, FAR_CSF}
+    assert (
+        mni.labels == FAR_CSF
+    ).sum() < 1000  # the template's CSF hugs its brain (measured: 0.1 mL)
     assert np.allclose(mni.tissue.sum(0)[mni.labels > 0], 1.0, atol=1e-3)
     assert mni.distance[mni.labels > 0].max() == 0 and mni.distance.max() > 20
 
@@ -99,6 +107,33 @@ def test_shell_csf_rim_joins_the_default_mask_not_the_tight_brain(sources):
     _, without = generate(params, sources, SMALL)
     assert np.array_equal(with_rim == 1, without == 1)
     assert (with_rim == 2).sum() > 2 * (without == 2).sum()
+
+
+def test_csf_around_the_brain_stops_at_the_border_and_the_rest_is_far_csf():
+    # A phantom: a white-matter ball, a 2 mm grey rim, then 10 mm of CSF (wide, as over an
+    # atrophic vertex). The default mask's CSF must stop CSF_BORDER_MM from the brain.
+    radius = np.sqrt(((np.indices((60, 60, 60)) - 30.0) ** 2).sum(0))
+    labels = np.select([radius <= 12, radius <= 14, radius <= 24], [WHITE, GREY, CSF], 0)
+    split = split_outer_csf(labels.astype(np.uint8), (1.0, 1.0, 1.0))
+    outer, far = radius[split == OUTER_CSF], radius[split == FAR_CSF]
+    assert outer.min() > 14 and outer.max() <= 14 + CSF_BORDER_MM + 1
+    assert far.min() > 14 + CSF_BORDER_MM - 1 and far.max() > 23
+    assert not np.isin(split[radius <= 14], (OUTER_CSF, FAR_CSF)).any()
+
+
+def test_rotated_in_corners_get_no_csf_rim_or_shells(sources):
+    # The source's distance map is sampled with border padding: corners brought in from outside
+    # the source by a large rotation are far from the brain, so no rim or shell is drawn there.
+    params = _mni_only(sample_parameters(3, BRAIN_EXTRACTION, sources, SMALL.spacing))
+    params.shells_mm = [3.0, 2.0, 3.0, 2.0, 5.0, 3.0]
+    params.shell_wobble_mm = 2.0
+    params.rotation_deg = [0.0, 0.0, 40.0]
+    params.crop_mm = [0.0] * 6
+    _, target = generate(params, sources, SMALL)
+    from scipy import ndimage
+
+    near_brain = ndimage.binary_dilation(target == 1, iterations=3)
+    assert (target == 2).any() and not ((target == 2) & ~near_brain).any()
 
 
 def test_shells_wrap_the_brain_without_touching_it(sources):

@@ -36,9 +36,15 @@ BACKGROUND, CSF, GREY, WHITE = 0, 1, 2, 3
 TIGHT_LABELS = (CSF, GREY, WHITE)  # the brain without the CSF around it (ventricles included)
 HEAD_CLUSTERS_FIRST = 4  # 4.. : k-means classes of the real pydeface head outside the brain
 HEAD_CLUSTERS = 5
-OUTER_CSF = 9  # CSF between the brain's surface and the mask edge (inside the default mask)
+OUTER_CSF = 9  # CSF within CSF_BORDER_MM of the tight brain (inside the default mask)
 BRAIN_LABELS = (*TIGHT_LABELS, OUTER_CSF)  # the default mask: brain and the CSF around it
 TIGHT_CLOSING_MM = 3.0  # the tight brain: grey + white closed by this radius, holes filled
+# The default mask's convention: the brain plus the CSF up to this distance from it. Wide
+# extra-cerebral CSF (the pydeface head's deepbet mask holds a rim of up to 11 mm, median 2.8 mm,
+# 90th percentile 6 mm) beyond it is background, so the mask's edge sits a fixed, stated distance
+# from the brain (like SynthStrip's border) instead of wherever a teacher's dura happened to be.
+CSF_BORDER_MM = 3.0
+FAR_CSF = 16  # CSF beyond CSF_BORDER_MM: outside the mask, drawn with OUTER_CSF's intensity
 DEEPBET_MASK = "pydeface_deepbet_mask.nii.gz"
 SHELL_FIRST = 10  # 10.. : synthetic shells around the MNI brain (SynthStrip-like)
 SHELL_NAMES = ("outer CSF", "inner table", "diploe", "outer table", "scalp", "fat")
@@ -174,7 +180,8 @@ def split_outer_csf(labels: np.ndarray, spacing) -> np.ndarray:
     """Relabel the CSF outside the tight brain (grey + white, closed, holes filled) as OUTER_CSF.
 
     The tight brain follows the cortex and keeps the ventricles and narrow sulci; what is left of
-    the mask is the CSF around the brain, which the default mask includes and `--no-csf` drops.
+    the mask is the CSF around the brain, which the default mask includes and `--no-csf` drops:
+    OUTER_CSF up to CSF_BORDER_MM from the tight brain, FAR_CSF (background) beyond it.
     """
     from scipy import ndimage
 
@@ -189,8 +196,11 @@ def split_outer_csf(labels: np.ndarray, spacing) -> np.ndarray:
     if count > 1:
         sizes = ndimage.sum(tight, components, range(1, count + 1))
         tight = components == (int(np.argmax(sizes)) + 1)
+    outside_csf = (labels == CSF) & ~tight
+    within_border = _outside_distance(tight, spacing) <= CSF_BORDER_MM
     output = labels.copy()
-    output[(labels == CSF) & ~tight] = OUTER_CSF
+    output[outside_csf & within_border] = OUTER_CSF
+    output[outside_csf & ~within_border] = FAR_CSF
     return output
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from deepmri.errors import DeepMRIError
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
-from deepmri.train.labels import ORIENTATION, LabelSource, build_sources
+from deepmri.train.labels import CSF_BORDER_MM, ORIENTATION, LabelSource, build_sources
 from deepmri.train.synth import (
     BRAIN_EXTRACTION,
     BRAIN_TISSUE,
@@ -102,8 +102,9 @@ RECIPES = {
         tight_labels=(1,),
         description=(
             "Brain mask on whole-head or skull-stripped MRI: label 1 the brain (grey and white "
-            "matter, ventricles), label 2 the CSF around it; the default mask is both labels, "
-            "the tight (--no-csf) mask label 1 with its holes filled."
+            "matter, ventricles), label 2 the CSF around it up to "
+            f"{CSF_BORDER_MM:g} mm from the brain; the default mask is both labels, the tight "
+            "(--no-csf) mask label 1 with its holes filled."
         ),
     ),
     BRAIN_TISSUE: Recipe(
@@ -523,8 +524,9 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
         "by deepbet 1.0.2 (MIT; Fisch et al. 2024) on that head, checked by eye in three planes, "
         "and whose non-brain head is split into 5 k-means intensity classes; mixed with the "
         "augmented real MNI T1 and pydeface head. Label 1 (tight brain) is grey + white matter "
-        "closed by 3 mm with holes filled; label 2 is the rest of the mask (CSF around the brain). "
-        "No Colin27."
+        f"closed by 3 mm with holes filled; label 2 is the CSF of the mask within {CSF_BORDER_MM:g} "
+        "mm of it (the "
+        "CSF around the brain; wider extra-cerebral CSF is background). No Colin27."
     )
     return {
         "id": recipe.model_id,

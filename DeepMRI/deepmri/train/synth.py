@@ -21,6 +21,8 @@ from deepmri.intensity import normalize_percentile
 from deepmri.train.labels import (
     BRAIN_LABELS,
     CSF,
+    CSF_BORDER_MM,
+    FAR_CSF,
     NUM_LABELS,
     OUTER_CSF,
     SHELL_FIRST,
@@ -88,7 +90,7 @@ def sample_parameters(
     shells: list[float] = []
     if task == BRAIN_EXTRACTION and source == "mni" and rng.random() < 0.75:
         shells = [
-            float(rng.uniform(1.0, 3.5)),  # outer CSF: inside the default mask (label 2)
+            float(rng.uniform(1.0, CSF_BORDER_MM)),  # outer CSF: inside the default mask (label 2)
             float(rng.uniform(1.0, 3.0)),  # inner table
             float(rng.uniform(1.0, 5.0)),  # diploe
             float(rng.uniform(1.0, 3.0)),  # outer table
@@ -178,7 +180,7 @@ def generate(
 
 def _brain_extraction_image(params, source, sampling, labels, grid, rng):
     if params.shells_mm:
-        distance = _warp(source.distance[None], sampling, "bilinear")[0]
+        distance = _warp(source.distance[None], sampling, "bilinear", padding="border")[0]
         labels = _add_shells(labels, distance, params, grid, rng)
     brain = np.isin(labels, BRAIN_LABELS)
     classes = np.where(np.isin(labels, TIGHT_LABELS), 1, np.where(labels == OUTER_CSF, 2, 0))
@@ -200,7 +202,7 @@ def _brain_extraction_image(params, source, sampling, labels, grid, rng):
 
 
 def _tissue_image(params, source, sampling, labels, grid, rng):
-    labels = np.where(labels == OUTER_CSF, CSF, labels).astype(np.uint8)
+    labels = np.where(np.isin(labels, (OUTER_CSF, FAR_CSF)), CSF, labels).astype(np.uint8)
     brain = labels > 0
     if params.mask_margin_voxels:
         structure = ndimage.generate_binary_structure(3, 1)
@@ -268,6 +270,7 @@ def _bias_field(shape, strength: float, rng) -> np.ndarray:
 def _synthetic_intensities(labels: np.ndarray, params, rng) -> np.ndarray:
     means = np.asarray(params.means, dtype=np.float32)
     stds = np.asarray(params.stds, dtype=np.float32)
+    labels = np.where(labels == FAR_CSF, OUTER_CSF, labels)  # one fluid, one intensity
     noise = rng.normal(0.0, 1.0, labels.shape).astype(np.float32)
     return means[labels] + stds[labels] * noise
 
@@ -275,8 +278,8 @@ def _synthetic_intensities(labels: np.ndarray, params, rng) -> np.ndarray:
 def _add_shells(labels, distance, params, grid, rng) -> np.ndarray:
     """Label voxels outside the brain by their (wobbled) distance: CSF rim, skull, scalp, fat.
 
-    The CSF rim becomes OUTER_CSF (inside the default mask, as on the pydeface head, whose deepbet
-    mask holds a 2-3 mm CSF rim; the MNI template's own mask is nearly tight).
+    The CSF rim becomes OUTER_CSF, at most CSF_BORDER_MM thick: inside the default mask, as the CSF
+    near the pydeface head's brain is (the MNI template's own mask is nearly tight).
     """
     wobble = _smooth_noise(labels.shape, params.shell_wobble_mm, rng)
     distance = distance + wobble
@@ -360,10 +363,16 @@ def _affine_matrix(params: GeneratorParameters) -> np.ndarray:
     return matrix @ shear @ np.diag(params.scaling)
 
 
-def _warp(volume: np.ndarray, sampling: torch.Tensor, mode: str) -> np.ndarray:
-    """Sample (C, z, y, x) `volume` at `sampling`; outside the source is 0 (air)."""
+def _warp(
+    volume: np.ndarray, sampling: torch.Tensor, mode: str, padding: str = "zeros"
+) -> np.ndarray:
+    """Sample (C, z, y, x) `volume` at `sampling`; outside the source is 0 (air) by default.
+
+    Distances pass padding="border": outside the source they stay far from the brain (zero padding
+    had put a CSF rim and skull shells in rotated-in corners, far from any brain).
+    """
     tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
-    warped = F.grid_sample(tensor, sampling, mode=mode, padding_mode="zeros", align_corners=True)
+    warped = F.grid_sample(tensor, sampling, mode=mode, padding_mode=padding, align_corners=True)
     return warped[0].numpy()
 
 
