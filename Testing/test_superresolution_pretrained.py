@@ -11,7 +11,12 @@ from conftest import corners, make_oblique_image, thick_oblique
 from deepmri.errors import ModelError
 from deepmri.models import Model
 from deepmri.superres import superresolve
-from deepmri.superres.net3d import ThickSliceNet3d, apply_network, condition_channels
+from deepmri.superres.net3d import (
+    ThickSliceNet3d,
+    apply_network,
+    condition_channels,
+    widen_inputs,
+)
 from deepmri.superres.profile import simulate_thick_slices
 from deepmri.tasks import RunContext, get_task
 from deepmri.train import superresolve as recipe_module
@@ -145,6 +150,79 @@ def test_training_pairs_are_the_forward_model_then_cubic():
     phase = np.arctan2(inputs[4, :, 0, 0], inputs[3, :, 0, 0])
     steps = np.diff(np.unwrap(phase))
     np.testing.assert_allclose(steps, 2 * np.pi / 4.0, atol=1e-5)
+
+
+def test_the_profile_channel_flags_rect_patches():
+    """With `profile_channel` a patch carries a sixth channel: 1 for a rect profile, 0 Gaussian."""
+    recipe = SuperResolveRecipe(**{**TINY.__dict__, "profile_channel": True})
+    volume = tiny_volumes()[0]
+    for shape, flag in (("rect", 1.0), ("gaussian", 0.0)):
+        acquisition = recipe_module.Acquisition(4.0, 3.0, shape, 0.25, 0.0)
+        rng = np.random.default_rng(1)
+        inputs, _ = recipe_module.sample_patch(volume, recipe, rng, acquisition, augment=False)
+        assert inputs.shape == (6, 24, 16, 16)
+        np.testing.assert_array_equal(inputs[5], flag)
+
+
+def test_widened_inputs_start_as_the_original_network():
+    """New input channels get zero weights: the network computes what it did, whatever they hold."""
+    import torch
+
+    torch.manual_seed(0)
+    original = ThickSliceNet3d(width=4, depth=4).eval()
+    torch.nn.init.normal_(original.body[-1].weight, std=0.1)  # a trained-looking last layer
+    widened = ThickSliceNet3d(width=4, depth=4, in_channels=6).eval()
+    widened.load_state_dict(widen_inputs(original.state_dict(), 6))
+    inputs = torch.randn(1, 5, 12, 10, 10)
+    flag = torch.full((1, 1, 12, 10, 10), 1.0)
+    with torch.no_grad():
+        before = original(inputs)
+        after = widened(torch.cat([inputs, flag], dim=1))
+    assert before.abs().max() > 1.0  # not trivially zero
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+def test_a_run_from_a_model_with_the_profile_channel_starts_there_and_is_told_the_shape(
+    tiny_model, tmp_path
+):
+    """`init_from` + `profile_channel`: the first validation is the model's own on the same
+    patches; the exported card asks for six inputs; the task tells it the profile's shape."""
+    import ast
+
+    folder, _ = tiny_model
+    volumes = tiny_volumes()
+    original = Model(folder).load_network()
+    expected = recipe_module.validate(original, recipe_module.validation_set(volumes, TINY), TINY)
+    recipe = SuperResolveRecipe(
+        **{
+            **TINY.__dict__,
+            "profile_channel": True,
+            "rect_share": 1.0,  # every step moves the flag's weights
+            "init_from": str(folder),
+            "iterations": 2,
+        }
+    )
+    messages: list[str] = []
+    train(recipe, tmp_path, volumes, log=messages.append)
+    start = ast.literal_eval(messages[0].removeprefix("start: validation "))
+    for key in ("net_4x", "net_6x", "gain_4x_rect", "gain_6x_gaussian"):
+        assert start[key] == pytest.approx(expected[key], abs=1e-3)
+    exported = export(recipe, tmp_path, tmp_path / "model", command="test")
+    card = Model(exported).card
+    assert card.architecture["config"]["in_channels"] == 6
+    assert card.training["init_from"] == str(folder)
+    image = thick_oblique((0.9, 1.1, 4.0), (40, 36, 12))
+    told = {
+        shape: superresolve(
+            image, factor=4, method="pretrained", model=str(exported), profile=shape
+        )
+        for shape in ("gaussian", "rect")
+    }
+    assert all(result.info["profile_told"] for result in told.values())
+    difference = sitk.GetArrayFromImage(told["rect"].image) - sitk.GetArrayFromImage(
+        told["gaussian"].image
+    )
+    assert np.abs(difference).max() > 0
 
 
 def test_slabs_do_not_change_the_result():

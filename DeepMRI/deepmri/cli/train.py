@@ -273,6 +273,20 @@ def _add_superresolve(tasks: argparse._SubParsersAction) -> None:
         default=0.0,
         help="keep and export a moving average of the weights with this decay per step (0: off)",
     )
+    superresolve.add_argument(
+        "--profile-channel",
+        action="store_true",
+        help="give the network the slice profile's shape (Gaussian or rect) as an input",
+    )
+    superresolve.add_argument(
+        "--rect-share", type=float, default=0.5, help="share of patches with a rect profile"
+    )
+    superresolve.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this model folder's weights (new input channels start at zero)",
+    )
     superresolve.add_argument("--validation-patches", type=int, default=32)
     superresolve.add_argument("--validate-every", type=int, default=100, help="iterations")
     superresolve.add_argument(
@@ -308,6 +322,9 @@ def _superresolve(arguments: argparse.Namespace) -> int:
         loss=arguments.loss,
         bf16=arguments.bf16,
         ema=arguments.ema,
+        profile_channel=arguments.profile_channel,
+        rect_share=arguments.rect_share,
+        init_from=arguments.init_from,
         validation_patches=arguments.validation_patches,
         validate_every=arguments.validate_every,
         cache_dir=arguments.cache,

@@ -5,7 +5,9 @@ thick axis resampled to the in-plane spacing), so one network serves 1 mm and 0.
 input channels are the cubic-upsampled image and four known facts of the acquisition at each
 voxel: the slice spacing and the slice thickness (in working voxels, divided by
 `CONDITION_SCALE`) and the voxel's position between two slice centres (cosine and sine of its
-phase). The network predicts what cubic interpolation missed (a residual).
+phase); networks trained with `profile` conditioning (`PROFILE_INPUT_CHANNELS`) also see the
+profile's shape (0 Gaussian, 1 rect), without which a rect 3 mm slice and a Gaussian of FWHM 3 mm
+look alike to it. The network predicts what cubic interpolation missed (a residual).
 
 Examples:
     >>> net = ThickSliceNet3d(width=8, depth=4)
@@ -29,6 +31,8 @@ from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_prog
 ARCHITECTURE = "deepmri.ThickSliceNet3d"
 CONDITION_SCALE = 6.0
 INPUT_CHANNELS = 5
+PROFILE_INPUT_CHANNELS = 6  # INPUT_CHANNELS and the profile shape
+PROFILE_FLAGS = {"gaussian": 0.0, "rect": 1.0}
 
 
 class ThickSliceNet3d(nn.Module):
@@ -60,6 +64,7 @@ class ThickSliceNet3d(nn.Module):
         nn.init.zeros_(last.bias)
         layers.append(last)
         self.body = nn.Sequential(*layers)
+        self.in_channels = in_channels
         self.halo = depth + 2  # voxels of context each side a chunk needs (thick axis: +2)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -70,27 +75,47 @@ register_architecture(ARCHITECTURE, ThickSliceNet3d)
 
 
 def condition_channels(
-    count: int, spacing: float, thickness: float, first_centre: float
+    count: int,
+    spacing: float,
+    thickness: float,
+    first_centre: float,
+    shape: str | None = None,
 ) -> np.ndarray:
-    """The four conditioning channels along the thick axis: (4, count), float32.
+    """The conditioning channels along the thick axis: (4, count), or (5, count) with `shape`.
 
     `spacing`, `thickness` and `first_centre` (a slice centre's position, with voxel v centred at
-    v + 0.5) are in working voxels.
+    v + 0.5) are in working voxels; `shape` ("gaussian" or "rect") adds the profile flag that
+    networks with `PROFILE_INPUT_CHANNELS` inputs expect.
     """
     position = np.arange(count) + 0.5
     phase = 2.0 * math.pi * (position - first_centre) / spacing
-    return np.stack(
-        [
-            np.full(count, spacing / CONDITION_SCALE),
-            np.full(count, thickness / CONDITION_SCALE),
-            np.cos(phase),
-            np.sin(phase),
-        ]
-    ).astype(np.float32)
+    rows = [
+        np.full(count, spacing / CONDITION_SCALE),
+        np.full(count, thickness / CONDITION_SCALE),
+        np.cos(phase),
+        np.sin(phase),
+    ]
+    if shape is not None:
+        rows.append(np.full(count, PROFILE_FLAGS[shape]))
+    return np.stack(rows).astype(np.float32)
+
+
+def widen_inputs(state: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
+    """A ThickSliceNet3d state dict with zero weights for the input channels it did not have.
+
+    The widened network computes exactly what the original did whatever the new channels hold,
+    so training from it starts where the original stopped.
+    """
+    first = state["body.0.weight"]
+    missing = in_channels - first.shape[1]
+    if missing < 0:
+        raise ValueError(f"the weights have {first.shape[1]} inputs, more than {in_channels}")
+    zeros = first.new_zeros((first.shape[0], missing, *first.shape[2:]))
+    return {**state, "body.0.weight": torch.cat([first, zeros], dim=1)}
 
 
 def network_input(volume: np.ndarray, channels: np.ndarray) -> np.ndarray:
-    """(5, thick, a, b): the volume (thick axis first) and the conditioning broadcast over it."""
+    """(1 + conditions, thick, a, b): the volume (thick axis first), the conditioning broadcast."""
     shape = volume.shape
     condition = np.broadcast_to(channels[:, :, None, None], (channels.shape[0], *shape))
     return np.concatenate([volume[None].astype(np.float32), condition], axis=0)

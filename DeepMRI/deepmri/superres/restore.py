@@ -252,7 +252,11 @@ def _pretrained(
 
     from deepmri import engine
     from deepmri.models.store import ModelStore
-    from deepmri.superres.net3d import apply_network, condition_channels
+    from deepmri.superres.net3d import (
+        PROFILE_INPUT_CHANNELS,
+        apply_network,
+        condition_channels,
+    )
 
     check_cancel(cancel)
     torch_device = engine.select_device(device)
@@ -274,6 +278,8 @@ def _pretrained(
         step / new_step,
         slices.thickness / new_step,
         (step / 2 - first) / new_step,
+        # a network trained with the profile's shape as an input is told it (0.4.0 on)
+        slices.shape if getattr(network, "in_channels", 0) == PROFILE_INPUT_CHANNELS else None,
     )
     progress(0.05, f"Applying the pretrained model '{found.card.id}' ({torch_device})")
     flips = ((), (2,)) if uncertainty else ((),)
@@ -301,6 +307,7 @@ def _pretrained(
         "model_version": found.card.version,
         "passes": len(flips),
         "slice_spacing_voxels": round(step / new_step, 4),
+        "profile_told": getattr(network, "in_channels", 0) == PROFILE_INPUT_CHANNELS,
     }
     if factors and not min(factors) <= step / new_step <= max(factors):
         details["warning"] = (
