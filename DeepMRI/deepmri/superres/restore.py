@@ -77,6 +77,7 @@ def superresolve(
     device: Any = None,
     uncertainty: bool = False,
     model: str | None = None,
+    finetune_steps: int = 0,
     progress: ProgressCallback | None = None,
     cancel: CancelLike | None = None,
 ) -> SuperResolution:
@@ -90,6 +91,9 @@ def superresolve(
     "rect"). For "ssl", `budget` ("quick", "standard", "best" or seconds) sizes the training, or
     `settings` fixes it exactly. "pretrained" loads `model` (an id in the model store or a model
     folder; default `PRETRAINED_MODEL`); its uncertainty is the spread over in-plane flips.
+    `finetune_steps` > 0 first fine-tunes it on the volume's own in-plane detail (the per-volume
+    training started from the pretrained network; `deepmri.superres.finetune`, seeded by
+    `settings.seed`).
 
     Examples:
         >>> result = superresolve(thick_t1, factor=4, budget="quick")  # doctest: +SKIP
@@ -127,8 +131,14 @@ def superresolve(
         progress(0.1, f"Interpolating ({method}) onto {_grid_text(grid)}")
         restored = _clip(_interpolate(image, grid, axis, method), low, high)
     elif method == "pretrained":
+        from deepmri.superres.finetune import FinetuneSettings
+
+        tuning = None
+        if finetune_steps > 0:
+            seed = settings.seed if settings is not None else 0
+            tuning = FinetuneSettings(steps=int(finetune_steps), seed=seed)
         restored, spread, details = _pretrained(
-            image, axis, grid, slices, model, device, uncertainty, progress, cancel
+            image, axis, grid, slices, model, device, uncertainty, progress, cancel, tuning
         )
         info.update(details)
     else:
@@ -246,8 +256,12 @@ def _pretrained(
     uncertainty: bool,
     progress: ProgressCallback,
     cancel: CancelLike | None,
+    tuning: Any = None,
 ) -> tuple[sitk.Image, sitk.Image | None, dict[str, Any]]:
-    """The pretrained 3D network on the cubic interpolation, thick axis first, in voxel units."""
+    """The pretrained 3D network on the cubic interpolation, thick axis first, in voxel units.
+
+    `tuning` (`FinetuneSettings`): fine-tune it on this volume first.
+    """
     import torch
 
     from deepmri import engine
@@ -281,7 +295,27 @@ def _pretrained(
         # a network trained with the profile's shape as an input is told it (0.4.0 on)
         slices.shape if getattr(network, "in_channels", 0) == PROFILE_INPUT_CHANNELS else None,
     )
-    progress(0.05, f"Applying the pretrained model '{found.card.id}' ({torch_device})")
+    tuned: dict[str, Any] = {}
+    applying = 0.05
+    if tuning is not None:
+        from deepmri.superres.finetune import finetune_network
+
+        progress(0.05, f"Fine-tuning the pretrained model '{found.card.id}' on this volume")
+        applying = 0.6
+        network, tuned = finetune_network(
+            network,
+            np.moveaxis(cubic, thick, 0),
+            spacing=step / new_step,
+            thickness=slices.thickness / new_step,
+            shape=slices.shape,
+            settings=tuning,
+            device=torch_device,
+            progress=sub_progress(progress, 0.05, applying),
+            cancel=cancel,
+        )
+        if torch_device.type == "cpu":
+            network = network.to(memory_format=torch.channels_last_3d)
+    progress(applying, f"Applying the pretrained model '{found.card.id}' ({torch_device})")
     flips = ((), (2,)) if uncertainty else ((),)
     mean, spread = apply_network(
         network,
@@ -289,7 +323,7 @@ def _pretrained(
         channels,
         torch_device,
         flips,
-        sub_progress(progress, 0.05, 0.95),
+        sub_progress(progress, applying, 0.95),
         cancel,
     )
     mean, spread = np.moveaxis(mean, 0, thick), np.moveaxis(spread, 0, thick)
@@ -308,6 +342,7 @@ def _pretrained(
         "passes": len(flips),
         "slice_spacing_voxels": round(step / new_step, 4),
         "profile_told": getattr(network, "in_channels", 0) == PROFILE_INPUT_CHANNELS,
+        **tuned,
     }
     if factors and not min(factors) <= step / new_step <= max(factors):
         details["warning"] = (

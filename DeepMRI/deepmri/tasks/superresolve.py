@@ -96,6 +96,13 @@ class SuperResolveTask(Task):
             PRETRAINED_MODEL,
             "For pretrained: a model id in the model store, or a model folder",
         ),
+        OptionSpec(
+            "finetune_steps",
+            int,
+            0,
+            "For pretrained: first fine-tune it on the volume's own in-plane detail for this "
+            "many steps (0: as shipped)",
+        ),
     )
     outputs = (
         OutputSpec("superresolved", Kind.VOLUME, "the restored volume (float32)"),
@@ -132,6 +139,7 @@ class SuperResolveTask(Task):
             device=context.config.resolve_device(),
             uncertainty=context.wants("uncertainty"),
             model=options["model"],
+            finetune_steps=options["finetune_steps"],
             progress=context.progress,
             cancel=context.cancel,
         )
