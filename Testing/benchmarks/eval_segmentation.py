@@ -464,6 +464,8 @@ def update_cards(results: dict[str, float]) -> None:
             if peers:
                 entry["peers"] = peers
             metrics.append(entry | {"dataset": _dataset(key), "command": COMMAND})
+        if not metrics:  # not evaluated in this run (--brain-only): keep the card's figures
+            continue
         model.card.metrics = metrics
         model.card.save(model.path)
 
