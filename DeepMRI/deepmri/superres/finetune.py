@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
-from deepmri.superres.net3d import PROFILE_INPUT_CHANNELS, condition_channels, network_input
-from deepmri.superres.profile import SliceProfile, cubic_matrix, degradation_matrix
+from deepmri.superres.net3d import PROFILE_INPUT_CHANNELS, acquired_input
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,6 @@ def _blocks(
     depth, rows, cols = settings.patch
     margin = int(math.ceil(2.5 * spacing)) + 2
     length = depth + 2 * margin
-    profile = SliceProfile(thickness, spacing, shape)
     inputs, truths = [], []
     for _ in range(settings.batch):
         axis = int(rng.integers(1, 3))  # the in-plane axis made thick this time
@@ -77,18 +75,8 @@ def _blocks(
             pad = [(0, want - size) for size, want in zip(block.shape, block_shape, strict=True)]
             block = np.pad(block, pad, mode="reflect")
         first = float(rng.random()) * spacing
-        slice_centres = first + np.arange(int(length // spacing) + 1) * spacing
-        slice_centres = slice_centres[slice_centres < length]
-        thick = np.tensordot(
-            degradation_matrix(length, 1.0, profile, slice_centres), block, axes=(1, 0)
-        )
-        positions = np.arange(length) + 0.5
-        cubic = np.tensordot(cubic_matrix(slice_centres, spacing, positions), thick, axes=(1, 0))
         window = slice(margin, margin + depth)
-        channels = condition_channels(
-            length, spacing, thickness, slice_centres[0], shape if with_shape else None
-        )
-        inputs.append(network_input(cubic[window].astype(np.float32), channels[:, window]))
+        inputs.append(acquired_input(block, spacing, thickness, shape, first, window, with_shape))
         truths.append(block[window].astype(np.float32))
     return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(truths)[:, None])
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from deepmri.nets import register_architecture
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
+from deepmri.superres.profile import SliceProfile, cubic_matrix, degradation_matrix
 
 ARCHITECTURE = "deepmri.ThickSliceNet3d"
 CONDITION_SCALE = 6.0
@@ -112,6 +113,39 @@ def widen_inputs(state: dict[str, torch.Tensor], in_channels: int) -> dict[str, 
         raise ValueError(f"the weights have {first.shape[1]} inputs, more than {in_channels}")
     zeros = first.new_zeros((first.shape[0], missing, *first.shape[2:]))
     return {**state, "body.0.weight": torch.cat([first, zeros], dim=1)}
+
+
+def acquired_input(
+    truth: np.ndarray,
+    spacing: float,
+    thickness: float,
+    shape: str,
+    first_centre: float,
+    window: slice,
+    with_shape: bool,
+    noise: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The network input for `truth` (thick axis first) acquired thick, then cubic back, in `window`.
+
+    The forward model of training and of per-volume fine-tuning alike: slices of `shape` profile
+    every `spacing` voxels from `first_centre`, Rician noise of `noise` (drawn from `rng`), cubic
+    B-spline back onto the voxels, the conditioning channels (the shape flag if `with_shape`).
+    """
+    length = truth.shape[0]
+    centres = first_centre + np.arange(int(length // spacing) + 1) * spacing
+    centres = centres[centres < length]
+    profile = SliceProfile(thickness, spacing, shape)
+    thick = np.tensordot(degradation_matrix(length, 1.0, profile, centres), truth, axes=(1, 0))
+    if noise > 0 and rng is not None:
+        draws = rng.normal(scale=noise, size=(2, *thick.shape))
+        thick = np.sqrt((thick + draws[0]) ** 2 + draws[1] ** 2)
+    positions = np.arange(length) + 0.5
+    cubic = np.tensordot(cubic_matrix(centres, spacing, positions), thick, axes=(1, 0))
+    channels = condition_channels(
+        length, spacing, thickness, centres[0], shape if with_shape else None
+    )
+    return network_input(cubic[window].astype(np.float32), channels[:, window])
 
 
 def network_input(volume: np.ndarray, channels: np.ndarray) -> np.ndarray:

@@ -44,11 +44,9 @@ from deepmri.superres.net3d import (
     ARCHITECTURE,
     PROFILE_INPUT_CHANNELS,
     ThickSliceNet3d,
-    condition_channels,
-    network_input,
+    acquired_input,
     widen_inputs,
 )
-from deepmri.superres.profile import SliceProfile, cubic_matrix, degradation_matrix
 
 MODEL_ID = "thick-to-thin-3d"
 # channels-last 3D convolutions take two thirds of the CPU time of the default layout (oneDNN)
@@ -207,26 +205,18 @@ def sample_patch(
     if augment:
         truth = truth ** math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
         truth = truth * rng.uniform(0.85, 1.15) * _bias(rng, truth.shape)
-    profile = SliceProfile(acquisition.thickness, acquisition.spacing, acquisition.shape)
-    count = int(length // acquisition.spacing) + 1
-    first = acquisition.phase * acquisition.spacing
-    centres = first + np.arange(count) * acquisition.spacing
-    centres = centres[centres < length]
-    thick = np.tensordot(degradation_matrix(length, 1.0, profile, centres), truth, axes=(1, 0))
-    if acquisition.noise > 0:
-        noise = rng.normal(scale=acquisition.noise, size=(2, *thick.shape))
-        thick = np.sqrt((thick + noise[0]) ** 2 + noise[1] ** 2)
-    positions = np.arange(length) + 0.5
-    cubic = np.tensordot(cubic_matrix(centres, acquisition.spacing, positions), thick, axes=(1, 0))
     window = slice(margin, margin + depth)
-    channels = condition_channels(
-        length,
+    inputs = acquired_input(
+        truth,
         acquisition.spacing,
         acquisition.thickness,
-        centres[0],
-        acquisition.shape if recipe.profile_channel else None,
+        acquisition.shape,
+        acquisition.phase * acquisition.spacing,
+        window,
+        recipe.profile_channel,
+        noise=acquisition.noise,
+        rng=rng,
     )
-    inputs = network_input(cubic[window].astype(np.float32), channels[:, window])
     return inputs, truth[window].astype(np.float32)
 
 
