@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from deepmri.errors import Cancelled, InvalidImageError, ModelError
 from deepmri.geometry import resample_to_spacing, same_geometry
 from deepmri.io import read_image, write_image
 from deepmri.models import ModelStore, example_card, save_model
+from deepmri.models.card import CardError, ModelCard
 from deepmri.nets import register_architecture
 from deepmri.progress import CancelToken
 from deepmri.settings import Settings
@@ -418,6 +420,41 @@ def test_no_csf_gives_the_tight_brain_with_its_holes_filled(tmp_path):
     assert tight[values == 30.0].all() and tight[20, 20, 20] == 1  # the inner 'ventricle' filled
     assert not tight[(values == 90.0) & (default == 2) & (tight == 0)].any()
     assert not (tight[default == 0]).any()
+
+
+def test_csf_border_keeps_the_csf_within_its_millimetres_of_the_tight_brain(tmp_path):
+    # The shell (label 2) is 4 voxels thick around a core of radius 12; 1.5 mm in x and y, 3 mm in
+    # z: a 3 mm border keeps 2 shell voxels along x (1.5, 3 mm) and 1 along z (3 mm).
+    store = _two_convention_store(tmp_path)
+    card_path = tmp_path / "models" / "test-brain-csf" / "card.json"
+    image = shell_image()
+    image.SetSpacing((1.5, 1.5, 3.0))
+
+    def shell_voxels(labels: np.ndarray) -> tuple[int, int]:
+        return int((labels[20, 20, 32:] == 2).sum()), int((labels[32:, 20, 20] == 2).sum())
+
+    whole = sitk.GetArrayFromImage(segment(image, "test-brain-csf", store=store).labels)
+    card = json.loads(card_path.read_text())
+    card["postprocessing"].append("csf_border")
+    card["csf_border_mm"] = 3.0
+    card_path.write_text(json.dumps(card))
+    store = ModelStore(Settings(home=tmp_path / "home"), extra_paths=(tmp_path / "models",))
+    bordered = sitk.GetArrayFromImage(segment(image, "test-brain-csf", store=store).labels)
+    assert shell_voxels(whole) == (4, 4)
+    assert shell_voxels(bordered) == (2, 1)
+    assert ((bordered == 1) == (whole == 1)).all()  # the tight brain is untouched
+
+
+def test_a_csf_border_step_needs_its_distance_and_tight_labels():
+    data = copy.deepcopy(threshold_card("test-brain-csf", 3))
+    data["postprocessing"] = ["csf_border"]
+    with pytest.raises(CardError, match="csf_border_mm"):
+        ModelCard.from_dict(data)
+    data["csf_border_mm"] = 3.0
+    with pytest.raises(CardError, match="tight_labels"):
+        ModelCard.from_dict(data)
+    data["tight_labels"] = [1]
+    assert ModelCard.from_dict(data).to_dict()["csf_border_mm"] == 3.0
 
 
 def test_no_csf_with_a_one_convention_model_is_refused_before_work(store):

@@ -121,6 +121,9 @@ class ModelCard:
     # Label values whose union (holes filled) is the tight brain, without the CSF around it: a
     # brain-extraction model that lists them offers both mask conventions (`--no-csf`).
     tight_labels: list[int] = field(default_factory=list)
+    # How far (mm) the CSF around the brain reaches from the tight brain in the training labels:
+    # the "csf_border" post-processing step drops predicted CSF beyond it, as the labels did.
+    csf_border_mm: float | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     citation: str = ""
@@ -178,6 +181,15 @@ class ModelCard:
         tight_labels = data.get("tight_labels") or []
         if not isinstance(tight_labels, list) or not set(tight_labels) <= set(values):
             raise _fail("tight_labels", f"a list of label values from {values}", tight_labels)
+        csf_border_mm = data.get("csf_border_mm")
+        if csf_border_mm is not None and (
+            not isinstance(csf_border_mm, (int, float)) or not tight_labels or csf_border_mm <= 0
+        ):
+            raise _fail(
+                "csf_border_mm", "a positive distance in mm, with 'tight_labels'", csf_border_mm
+            )
+        if "csf_border" in postprocessing and csf_border_mm is None:
+            raise _fail("csf_border_mm", "the border of the 'csf_border' step", csf_border_mm)
         metrics = data.get("metrics") or []
         _validate_metrics(metrics)
         known = set(cls.__dataclass_fields__) - {"extra"}
@@ -194,6 +206,7 @@ class ModelCard:
             license=license_text,
             postprocessing=list(postprocessing),
             tight_labels=[int(value) for value in tight_labels],
+            csf_border_mm=None if csf_border_mm is None else float(csf_border_mm),
             metrics=list(metrics),
             training=dict(data.get("training") or {}),
             citation=str(data.get("citation") or ""),
@@ -214,6 +227,7 @@ class ModelCard:
             "postprocessing": self.postprocessing,
             "labels": [label.to_dict() for label in self.labels],
             **({"tight_labels": self.tight_labels} if self.tight_labels else {}),
+            **({"csf_border_mm": self.csf_border_mm} if self.csf_border_mm is not None else {}),
             "metrics": self.metrics,
             "training": self.training,
             "license": self.license,

@@ -8,6 +8,7 @@ door runs; `segment` is the same work as a plain function.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,7 +223,12 @@ def segment(
             sub_progress(progress, 0.0, first_share),
             cancel,
         )
-        mask = _postprocess_labels(np.argmax(brain.probabilities, axis=0), brain.card) > 0
+        mask = (
+            _postprocess_labels(
+                np.argmax(brain.probabilities, axis=0), brain.card, working.GetSpacing()
+            )
+            > 0
+        )
         provenance["models"].append(_model_provenance(brain.card))
         if not mask.any():
             raise InvalidImageError("No brain was found in the input; is this a brain MRI?")
@@ -359,8 +365,14 @@ def _back_to_input_grid(
     return np.stack(resampled)
 
 
-def _postprocess_labels(class_index: np.ndarray, card: dict[str, Any]) -> np.ndarray:
-    """Card-listed clean-up of the foreground: keep the largest component, fill its holes."""
+def _postprocess_labels(
+    class_index: np.ndarray, card: dict[str, Any], spacing: Sequence[float]
+) -> np.ndarray:
+    """Card-listed clean-up of the foreground: keep the largest component, fill its holes, and
+    ("csf_border") drop CSF around the brain beyond the card's `csf_border_mm`.
+
+    `spacing` is the (x, y, z) voxel size in mm of `class_index`'s grid.
+    """
     steps = card.get("postprocessing", [])
     if not steps:
         return class_index
@@ -376,7 +388,35 @@ def _postprocess_labels(class_index: np.ndarray, card: dict[str, Any]) -> np.nda
         if newly_filled.any():
             labels = class_index[foreground & (class_index > 0)]
             cleaned[newly_filled] = np.bincount(labels).argmax() if labels.size else 1
+    if "csf_border" in steps:
+        cleaned = limit_csf_border(
+            cleaned, _tight_channels(card), spacing, float(card["csf_border_mm"])
+        )
     return cleaned
+
+
+def limit_csf_border(
+    class_index: np.ndarray, tight: Sequence[int], spacing: Sequence[float], border_mm: float
+) -> np.ndarray:
+    """Foreground that is not tight brain and lies farther than `border_mm` from it becomes 0.
+
+    The training labels call CSF around the brain only what lies within `border_mm` of the tight
+    brain (`deepmri.train.labels.split_outer_csf`, the same distance); farther CSF is background.
+    The network learns that border only to its own voxel size, so inference draws it exactly.
+    """
+    from scipy import ndimage
+
+    brain = _fill_holes(np.isin(class_index, tight))
+    if not brain.any():
+        return class_index
+    distance = ndimage.distance_transform_edt(~brain, sampling=tuple(spacing)[::-1])
+    return np.where((class_index > 0) & ~brain & (distance > border_mm), 0, class_index)
+
+
+def _tight_channels(card: dict[str, Any]) -> list[int]:
+    """Output channels (1 + the label's rank by value) of the card's tight labels."""
+    values = sorted(label["value"] for label in card["labels"])
+    return [values.index(value) + 1 for value in card.get("tight_labels", [])]
 
 
 def tight_brain(labels: np.ndarray, tight_labels: list[int]) -> np.ndarray:
@@ -419,7 +459,7 @@ def _assemble_result(
     class_index = np.argmax(output.probabilities, axis=0)
     if mask is not None:
         class_index = np.where(mask, class_index, 0)
-    class_index = _postprocess_labels(class_index, card)
+    class_index = _postprocess_labels(class_index, card, image.GetSpacing())
     label_info = sorted(card["labels"], key=lambda label: label["value"])
     values = np.zeros(len(output.probabilities), dtype=np.uint8)
     for channel, label in enumerate(label_info, start=1):

@@ -36,6 +36,7 @@ from deepmri.train.synth import (
     sample_parameters,
 )
 
+INFERENCE_CSF_BORDER_MM = 4.0
 VALIDATION_SEED_BASE = 900_000_000  # never reached by training seeds (seed * 1e6 + iteration)
 SNOMED = "SCT"
 LICENSE = (
@@ -58,6 +59,7 @@ class Recipe:
     learning_rate: float = 2e-3
     postprocessing: list[str] = field(default_factory=list)
     tight_labels: tuple[int, ...] = ()  # labels of the tight brain (the card's tight_labels)
+    csf_border_mm: float | None = None  # the card's csf_border_mm (the "csf_border" step)
     description: str = ""
 
     @property
@@ -98,13 +100,19 @@ RECIPES = {
             _label(1, "Brain", [0.87, 0.72, 0.53], "12738006", "Brain"),
             _label(2, "CSF around the brain", [0.35, 0.6, 0.95], "65216001", "Cerebrospinal fluid"),
         ],
-        postprocessing=["largest_component", "fill_holes"],
+        postprocessing=["largest_component", "fill_holes", "csf_border"],
         tight_labels=(1,),
+        # The labels stop the CSF 3 mm from the brain; the network, at 2 mm, draws that border a
+        # voxel wide. At inference the mask drops CSF beyond INFERENCE_CSF_BORDER_MM of the
+        # predicted tight brain: the border of best mask Dice on the synthetic validation set
+        # (Testing/benchmarks/validate_csf_border.py; never Colin27).
+        csf_border_mm=INFERENCE_CSF_BORDER_MM,
         description=(
             "Brain mask on whole-head or skull-stripped MRI: label 1 the brain (grey and white "
             "matter, ventricles), label 2 the CSF around it up to "
-            f"{CSF_BORDER_MM:g} mm from the brain; the default mask is both labels, the tight "
-            "(--no-csf) mask label 1 with its holes filled."
+            f"{CSF_BORDER_MM:g} mm from the brain (at inference, CSF farther than "
+            f"{INFERENCE_CSF_BORDER_MM:g} mm from the predicted brain is dropped); the default mask "
+            "is both labels, the tight (--no-csf) mask label 1 with its holes filled."
         ),
     ),
     BRAIN_TISSUE: Recipe(
@@ -558,6 +566,7 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
         "postprocessing": list(recipe.postprocessing),
         "labels": recipe.labels,
         **({"tight_labels": list(recipe.tight_labels)} if recipe.tight_labels else {}),
+        **({"csf_border_mm": recipe.csf_border_mm} if recipe.csf_border_mm else {}),
         "metrics": [],
         "training": {
             "data": data,

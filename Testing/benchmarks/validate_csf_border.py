@@ -1,0 +1,93 @@
+"""Brain extraction on the recipe's fixed synthetic validation set, with and without "csf_border".
+
+Decides whether the card lists the "csf_border" post-processing step (predicted CSF around the brain
+farther than `CSF_BORDER_MM` from the predicted tight brain becomes background, as the training
+labels define it) on the training recipe's own validation images (seeds 900000000+i, never trained
+on; no Colin27). For each: Dice of the default mask (labels > 0) against the target's, the mask's
+volume farther than the border from the target's tight brain (mL, the synthetic twin of the
+evaluation's leak figure) and the share of the target's tight brain inside the mask. Both runs
+take the card's other steps (largest component, filled holes) and its left-right mean.
+Last line: JSON.
+
+    python Testing/benchmarks/validate_csf_border.py [--model brain-extraction] [--images 24] [--cache runs/cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from deepmri.models import ModelStore
+from deepmri.tasks.segment import _postprocess_labels
+from deepmri.train.labels import CSF_BORDER_MM, build_sources
+from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair
+from deepmri.train.synth import GridSpec
+from scipy import ndimage
+
+
+def mask_figures(prediction: np.ndarray, target: np.ndarray, spacing: float) -> dict[str, float]:
+    """Dice of the default masks, volume beyond the border of the target's tight brain, coverage."""
+    mask, reference = prediction > 0, target > 0
+    tight = ndimage.binary_fill_holes(target == 1)
+    distance = ndimage.distance_transform_edt(~tight, sampling=spacing)
+    return {
+        "dice": 2.0 * (mask & reference).sum() / max(mask.sum() + reference.sum(), 1),
+        "leak_ml": float((mask & (distance > CSF_BORDER_MM)).sum() * spacing**3 / 1000.0),
+        "coverage": float((mask & tight).sum() / max(tight.sum(), 1)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="brain-extraction", help="model id or folder")
+    parser.add_argument("--images", type=int, default=24, help="validation images")
+    parser.add_argument("--cache", type=Path, default=Path("runs/cache"), help="label-map cache")
+    parser.add_argument(
+        "--borders", type=float, nargs="+", default=[CSF_BORDER_MM], help="csf_border_mm values"
+    )
+    arguments = parser.parse_args()
+    torch.set_num_threads(1)
+    model = ModelStore().get(arguments.model)
+    network = model.load_network(device="cpu").eval()
+    card = model.card.to_dict()
+    recipe = RECIPES["brain-extraction"]
+    sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None)
+    grid = GridSpec(recipe.shape, recipe.spacing)
+    other_steps = [step for step in card["postprocessing"] if step != "csf_border"]
+    variants = {"without": card | {"postprocessing": other_steps}} | {
+        f"with_{border:g}mm": card
+        | {"postprocessing": [*other_steps, "csf_border"], "csf_border_mm": border}
+        for border in arguments.borders
+    }
+    spacing = (recipe.spacing,) * 3
+    figures: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    start = time.perf_counter()
+    for index in range(arguments.images):
+        image, target = make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
+        with torch.no_grad():
+            plain = torch.softmax(network(image[None]).float(), 1)
+            mirrored = torch.softmax(network(image[None].flip(4)).float(), 1).flip(4)
+        class_index = ((plain + mirrored) / 2).argmax(1)[0].numpy()
+        for name, variant in variants.items():
+            prediction = _postprocess_labels(class_index, variant, spacing)
+            figures[name].append(mask_figures(prediction, target[0].numpy(), recipe.spacing))
+    results: dict[str, float] = {}
+    for name, values in figures.items():
+        for key in values[0]:
+            results[f"{name}_{key}"] = round(float(np.mean([v[key] for v in values])), 4)
+        results[f"{name}_leak_ml_max"] = round(max(v["leak_ml"] for v in values), 2)
+        print(
+            f"{name:10s} dice {results[f'{name}_dice']:.4f} leak {results[f'{name}_leak_ml']:.2f} mL "
+            f"(max {results[f'{name}_leak_ml_max']:.2f}) coverage {results[f'{name}_coverage']:.4f}"
+        )
+    results["images"] = arguments.images
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
