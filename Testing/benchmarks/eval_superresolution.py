@@ -227,6 +227,9 @@ def tissue_dice_gain(truth: sitk.Image, restored: dict[str, sitk.Image]) -> dict
             a, b = reference == value, labels == value
             per_class.append(2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
         scores[method] = float(np.mean(per_class))
+    print(
+        "  tissue Dice at 4x: " + ", ".join(f"{m} {v:.4f}" for m, v in scores.items()), flush=True
+    )
     result = {f"tissue_dice_{method}_4x": value for method, value in scores.items()}
     best = "pretrained" if "pretrained" in scores else "ssl"
     if best in scores and "cubic" in scores:
@@ -395,7 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     if "ssl" in args.methods:
         ssl_runs = [case["ssl_seconds"] for case in cases]
         summary["seconds_cpu_ssl_fixed_steps_max"] = round(max(ssl_runs), 1)
-    summary.update({key: round(value, 4) for key, value in extras.items()})
+    summary.update(
+        {
+            key: round(value, 4) if isinstance(value, float) else value
+            for key, value in extras.items()
+        }
+    )
     summary.update(
         profile_told=not args.assume_gaussian,
         budget=args.budget,
