@@ -48,6 +48,9 @@ def write_cases(folder: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if argv[:1] == ["--write-cases"]:
         write_cases(Path(argv[1]))
         return 0
