@@ -1,15 +1,17 @@
 """Brain extraction on the recipe's fixed synthetic validation set, with and without "csf_border".
 
-Decides whether the card lists the "csf_border" post-processing step (predicted CSF around the brain
-farther than `CSF_BORDER_MM` from the predicted tight brain becomes background, as the training
-labels define it) on the training recipe's own validation images (seeds 900000000+i, never trained
-on; no Colin27). For each: Dice of the default mask (labels > 0) against the target's, the mask's
-volume farther than the border from the target's tight brain (mL, the synthetic twin of the
-evaluation's leak figure) and the share of the target's tight brain inside the mask. Both runs
-take the card's other steps (largest component, filled holes) and its left-right mean.
-Last line: JSON.
+Decides whether the card lists the "csf_border" post-processing step, and at which border:
+predicted CSF around the brain farther than the border from the predicted tight brain becomes
+background, as the training labels drop CSF beyond `CSF_BORDER_MM`. Scored on the training
+recipe's own validation images (seeds 900000000+i, never trained on; no Colin27). For each
+border: Dice of the default mask (labels > 0) against the target's, the mask's volume farther
+than `CSF_BORDER_MM` from the target's tight brain (mL, the synthetic twin of the evaluation's
+leak figure) and the share of the target's tight brain inside the mask. Every run takes the
+card's other steps (largest component, filled holes) and its left-right mean. The card takes
+the border of best mask Dice. Last line: JSON.
 
-    python Testing/benchmarks/validate_csf_border.py [--model brain-extraction] [--images 24] [--cache runs/cache]
+    python Testing/benchmarks/validate_csf_border.py [--model brain-extraction] [--images 24]
+        [--cache runs/cache] [--borders 3 4 5 6 8]
 """
 
 from __future__ import annotations

@@ -121,8 +121,9 @@ class ModelCard:
     # Label values whose union (holes filled) is the tight brain, without the CSF around it: a
     # brain-extraction model that lists them offers both mask conventions (`--no-csf`).
     tight_labels: list[int] = field(default_factory=list)
-    # How far (mm) the CSF around the brain reaches from the tight brain in the training labels:
-    # the "csf_border" post-processing step drops predicted CSF beyond it, as the labels did.
+    # How far (mm) from the tight brain the default mask keeps CSF around the brain: the
+    # "csf_border" post-processing step drops predicted CSF beyond it, as the training labels drop
+    # CSF beyond their own border (deepmri.train.labels.CSF_BORDER_MM).
     csf_border_mm: float | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)

@@ -400,9 +400,10 @@ def limit_csf_border(
 ) -> np.ndarray:
     """Foreground that is not tight brain and lies farther than `border_mm` from it becomes 0.
 
-    The training labels call CSF around the brain only what lies within `border_mm` of the tight
-    brain (`deepmri.train.labels.split_outer_csf`, the same distance); farther CSF is background.
-    The network learns that border only to its own voxel size, so inference draws it exactly.
+    The training labels call CSF around the brain only what lies within a border of the tight
+    brain (`deepmri.train.labels.split_outer_csf`, the same distance map); farther CSF is
+    background. The network learns that border only to its own voxel size, so inference draws it
+    in mm; the card's border is the one of best mask Dice on the synthetic validation set.
     """
     from scipy import ndimage
 
