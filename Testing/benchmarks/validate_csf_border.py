@@ -18,28 +18,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from deepmri.models import ModelStore
-from deepmri.tasks.segment import _postprocess_labels
-from deepmri.train.labels import CSF_BORDER_MM, build_sources
-from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair
-from deepmri.train.synth import GridSpec
 from scipy import ndimage
 
+sys.path.insert(0, str(Path(__file__).parent))
 
-def mask_figures(prediction: np.ndarray, target: np.ndarray, spacing: float) -> dict[str, float]:
-    """Dice of the default masks, volume beyond the border of the target's tight brain, coverage."""
-    mask, reference = prediction > 0, target > 0
-    tight = ndimage.binary_fill_holes(target == 1)
-    distance = ndimage.distance_transform_edt(~tight, sampling=spacing)
+from deepmri.models import ModelStore  # noqa: E402
+from deepmri.tasks.segment import _postprocess_labels  # noqa: E402
+from deepmri.train.labels import CSF_BORDER_MM, build_sources  # noqa: E402
+from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair  # noqa: E402
+from deepmri.train.synth import GridSpec  # noqa: E402
+from eval_segmentation import coverage, dice, leak_ml  # noqa: E402
+
+
+def mask_figures(
+    prediction: np.ndarray, reference: np.ndarray, tight: np.ndarray, spacing: np.ndarray
+) -> dict[str, float]:
+    """The evaluation's figures: Dice against the target's default mask, leak and coverage
+    against its tight brain."""
+    mask = prediction > 0
     return {
-        "dice": 2.0 * (mask & reference).sum() / max(mask.sum() + reference.sum(), 1),
-        "leak_ml": float((mask & (distance > CSF_BORDER_MM)).sum() * spacing**3 / 1000.0),
-        "coverage": float((mask & tight).sum() / max(tight.sum(), 1)),
+        "dice": dice(mask, reference),
+        "leak_ml": leak_ml(mask, tight, spacing, CSF_BORDER_MM),
+        "coverage": coverage(mask, tight),
     }
 
 
@@ -65,7 +71,7 @@ def main() -> None:
         | {"postprocessing": [*other_steps, "csf_border"], "csf_border_mm": border}
         for border in arguments.borders
     }
-    spacing = (recipe.spacing,) * 3
+    spacing = np.full(3, recipe.spacing)
     figures: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     start = time.perf_counter()
     for index in range(arguments.images):
@@ -74,9 +80,11 @@ def main() -> None:
             plain = torch.softmax(network(image[None]).float(), 1)
             mirrored = torch.softmax(network(image[None].flip(4)).float(), 1).flip(4)
         class_index = ((plain + mirrored) / 2).argmax(1)[0].numpy()
+        labels = target[0].numpy()
+        reference, tight = labels > 0, ndimage.binary_fill_holes(labels == 1)
         for name, variant in variants.items():
             prediction = _postprocess_labels(class_index, variant, spacing)
-            figures[name].append(mask_figures(prediction, target[0].numpy(), recipe.spacing))
+            figures[name].append(mask_figures(prediction, reference, tight, spacing))
     results: dict[str, float] = {}
     for name, values in figures.items():
         for key in values[0]:

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from deepmri import preprocess
 from deepmri.errors import InvalidImageError, ModelError
+from deepmri.geometry import distance_outside_mm
 from deepmri.progress import (
     CancelLike,
     ProgressCallback,
@@ -401,16 +402,14 @@ def limit_csf_border(
     """Foreground that is not tight brain and lies farther than `border_mm` from it becomes 0.
 
     The training labels call CSF around the brain only what lies within a border of the tight
-    brain (`deepmri.train.labels.split_outer_csf`, the same distance map); farther CSF is
+    brain (`deepmri.train.labels.split_outer_csf`, the same `distance_outside_mm`); farther CSF is
     background. The network learns that border only to its own voxel size, so inference draws it
     in mm; the card's border is the one of best mask Dice on the synthetic validation set.
     """
-    from scipy import ndimage
-
     brain = _fill_holes(np.isin(class_index, tight))
     if not brain.any():
         return class_index
-    distance = ndimage.distance_transform_edt(~brain, sampling=tuple(spacing)[::-1])
+    distance = distance_outside_mm(brain, spacing)
     return np.where((class_index > 0) & ~brain & (distance > border_mm), 0, class_index)
 
 

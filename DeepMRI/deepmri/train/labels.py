@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from deepmri.data import load_mni152, mni152_tissue_labels
 from deepmri.errors import DeepMRIError
-from deepmri.geometry import reorient
+from deepmri.geometry import distance_outside_mm, reorient
 from deepmri.progress import ProgressCallback, no_progress
 
 PYDEFACE_VERSION = "2.1.0"
@@ -116,19 +116,13 @@ def mni_source() -> LabelSource:
         labels=label_array,
         tissue=np.stack([csf, grey, white]).astype(np.float32),
         image=sitk.GetArrayFromImage(t1).astype(np.float32),
-        distance=_outside_distance(inside, t1.GetSpacing()),
+        distance=distance_outside_mm(inside, t1.GetSpacing()).astype(np.float32),
     )
 
 
 def _padded(image: sitk.Image) -> sitk.Image:
     pad = [MNI_PAD_VOXELS] * 3
     return sitk.ConstantPad(image, pad, pad, 0)
-
-
-def _outside_distance(inside: np.ndarray, spacing) -> np.ndarray:
-    from scipy import ndimage
-
-    return ndimage.distance_transform_edt(~inside, sampling=spacing[::-1]).astype(np.float32)
 
 
 def head_source(
@@ -197,7 +191,7 @@ def split_outer_csf(labels: np.ndarray, spacing) -> np.ndarray:
         sizes = ndimage.sum(tight, components, range(1, count + 1))
         tight = components == (int(np.argmax(sizes)) + 1)
     outside_csf = (labels == CSF) & ~tight
-    within_border = _outside_distance(tight, spacing) <= CSF_BORDER_MM
+    within_border = distance_outside_mm(tight, spacing).astype(np.float32) <= CSF_BORDER_MM
     output = labels.copy()
     output[outside_csf & within_border] = OUTER_CSF
     output[outside_csf & ~within_border] = FAR_CSF
