@@ -11,7 +11,7 @@ card's other steps (largest component, filled holes) and its left-right mean. Th
 the border of best mask Dice. Last line: JSON.
 
     python Testing/benchmarks/validate_csf_border.py [--model brain-extraction] [--images 24]
-        [--cache runs/cache] [--borders 3 4 5 6 8]
+        [--cache runs/cache] [--borders 3 4 5 6 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ def main() -> None:
     parser.add_argument(
         "--borders", type=float, nargs="+", default=[CSF_BORDER_MM], help="csf_border_mm values"
     )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the last digit can move with it)"
+    )
     arguments = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(arguments.threads)
     model = ModelStore().get(arguments.model)
     network = model.load_network(device="cpu").eval()
     card = model.card.to_dict()
