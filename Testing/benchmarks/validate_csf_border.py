@@ -10,26 +10,36 @@ leak figure) and the share of the target's tight brain inside the mask. Every ru
 card's other steps (largest component, filled holes) and its left-right mean. The card takes
 the border of best mask Dice. Last line: JSON.
 
+By default the images are drawn on the network's own 2 mm grid and the steps run there, where a
+border can only fall between voxel distances 2, 2.83, 3.46 and 4 mm. `--input-spacing 1` draws
+the same validation seeds at 1 mm, the voxel size of the scans users bring, and runs them through
+the segment task as a user's scan goes (resampled to the model grid, probabilities back to 1 mm,
+the steps on the 1 mm grid), so borders between those distances can be told apart.
+
     python Testing/benchmarks/validate_csf_border.py [--model brain-extraction] [--images 24]
-        [--cache runs/cache] [--borders 3 4 5 6 8] [--threads 1]
+        [--cache runs/cache] [--borders 3 4 5 6 8] [--threads 1] [--input-spacing 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from deepmri.models import ModelStore  # noqa: E402
-from deepmri.tasks.segment import _postprocess_labels  # noqa: E402
+from deepmri.tasks.segment import _postprocess_labels, limit_csf_border, segment  # noqa: E402
 from deepmri.train.labels import CSF_BORDER_MM, build_sources  # noqa: E402
 from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair  # noqa: E402
 from deepmri.train.synth import GridSpec  # noqa: E402
@@ -49,6 +59,65 @@ def mask_figures(
     }
 
 
+def network_grid_predictions(
+    model, recipe, sources, images: int, variants: dict[str, dict]
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+    """Per validation image on the network's grid: each variant's labels, the target's default
+    mask and its tight brain."""
+    network = model.load_network(device="cpu").eval()
+    grid = GridSpec(recipe.shape, recipe.spacing)
+    spacing = np.full(3, recipe.spacing)
+    for index in range(images):
+        image, target = make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
+        with torch.no_grad():
+            plain = torch.softmax(network(image[None]).float(), 1)
+            mirrored = torch.softmax(network(image[None].flip(4)).float(), 1).flip(4)
+        class_index = ((plain + mirrored) / 2).argmax(1)[0].numpy()
+        predictions = {
+            name: _postprocess_labels(class_index, variant, spacing)
+            for name, variant in variants.items()
+        }
+        labels = target[0].numpy()
+        yield predictions, labels > 0, ndimage.binary_fill_holes(labels == 1)
+
+
+def input_grid_predictions(
+    model, recipe, sources, images: int, variants: dict[str, dict], input_spacing: float
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+    """The same seeds drawn at `input_spacing` and segmented by the task, as a user's scan is.
+
+    The task runs once per image with the card's steps but the border (a copy of the model
+    folder whose card leaves "csf_border" out); each border is then drawn by the task's own
+    `limit_csf_border`, the card's last step, on the input grid.
+    """
+    card = model.card.to_dict()
+    without = card | {"postprocessing": [s for s in card["postprocessing"] if s != "csf_border"]}
+    without.pop("csf_border_mm", None)
+    shape = tuple(round(n * recipe.spacing / input_spacing) for n in recipe.shape)
+    grid = GridSpec(shape, input_spacing)
+    spacing = np.full(3, input_spacing)
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / model.path.name
+        shutil.copytree(model.path, copy)
+        (copy / "card.json").write_text(json.dumps(without, indent=2))
+        for index in range(images):
+            image, target = make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
+            scan = sitk.GetImageFromArray(image[0].numpy())
+            scan.SetSpacing([input_spacing] * 3)
+            scan.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # RAS, as drawn
+            labels = sitk.GetArrayFromImage(segment(scan, str(copy), device="cpu").labels)
+            predictions = {}
+            for name, variant in variants.items():
+                border = variant.get("csf_border_mm")
+                predictions[name] = (
+                    labels
+                    if border is None
+                    else limit_csf_border(labels, card["tight_labels"], spacing, border)
+                )
+            truth = target[0].numpy()
+            yield predictions, truth > 0, ndimage.binary_fill_holes(truth == 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="brain-extraction", help="model id or folder")
@@ -60,33 +129,38 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (the last digit can move with it)"
     )
+    parser.add_argument(
+        "--input-spacing",
+        type=float,
+        default=None,
+        help="draw the images at this voxel size (mm) and segment them through the task "
+        "(default: the network's own grid)",
+    )
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     model = ModelStore().get(arguments.model)
-    network = model.load_network(device="cpu").eval()
     card = model.card.to_dict()
     recipe = RECIPES["brain-extraction"]
     sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None)
-    grid = GridSpec(recipe.shape, recipe.spacing)
     other_steps = [step for step in card["postprocessing"] if step != "csf_border"]
     variants = {"without": card | {"postprocessing": other_steps}} | {
         f"with_{border:g}mm": card
         | {"postprocessing": [*other_steps, "csf_border"], "csf_border_mm": border}
         for border in arguments.borders
     }
-    spacing = np.full(3, recipe.spacing)
+    variants["without"].pop("csf_border_mm", None)
+    if arguments.input_spacing is None:
+        spacing = np.full(3, recipe.spacing)
+        cases = network_grid_predictions(model, recipe, sources, arguments.images, variants)
+    else:
+        spacing = np.full(3, arguments.input_spacing)
+        cases = input_grid_predictions(
+            model, recipe, sources, arguments.images, variants, arguments.input_spacing
+        )
     figures: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     start = time.perf_counter()
-    for index in range(arguments.images):
-        image, target = make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
-        with torch.no_grad():
-            plain = torch.softmax(network(image[None]).float(), 1)
-            mirrored = torch.softmax(network(image[None].flip(4)).float(), 1).flip(4)
-        class_index = ((plain + mirrored) / 2).argmax(1)[0].numpy()
-        labels = target[0].numpy()
-        reference, tight = labels > 0, ndimage.binary_fill_holes(labels == 1)
-        for name, variant in variants.items():
-            prediction = _postprocess_labels(class_index, variant, spacing)
+    for predictions, reference, tight in cases:
+        for name, prediction in predictions.items():
             figures[name].append(mask_figures(prediction, reference, tight, spacing))
     results: dict[str, float] = {}
     for name, values in figures.items():
