@@ -59,11 +59,11 @@ def mask_figures(
     }
 
 
-def network_grid_predictions(
-    model, recipe, sources, images: int, variants: dict[str, dict]
-) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
-    """Per validation image on the network's grid: each variant's labels, the target's default
-    mask and its tight brain."""
+def network_grid_labels(
+    model, recipe, sources, images: int, without_border: dict
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per validation image on the network's grid: the labels after the card's steps but the
+    border, and the target's labels."""
     network = model.load_network(device="cpu").eval()
     grid = GridSpec(recipe.shape, recipe.spacing)
     spacing = np.full(3, recipe.spacing)
@@ -73,49 +73,28 @@ def network_grid_predictions(
             plain = torch.softmax(network(image[None]).float(), 1)
             mirrored = torch.softmax(network(image[None].flip(4)).float(), 1).flip(4)
         class_index = ((plain + mirrored) / 2).argmax(1)[0].numpy()
-        predictions = {
-            name: _postprocess_labels(class_index, variant, spacing)
-            for name, variant in variants.items()
-        }
-        labels = target[0].numpy()
-        yield predictions, labels > 0, ndimage.binary_fill_holes(labels == 1)
+        yield _postprocess_labels(class_index, without_border, spacing), target[0].numpy()
 
 
-def input_grid_predictions(
-    model, recipe, sources, images: int, variants: dict[str, dict], input_spacing: float
-) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
-    """The same seeds drawn at `input_spacing` and segmented by the task, as a user's scan is.
-
-    The task runs once per image with the card's steps but the border (a copy of the model
-    folder whose card leaves "csf_border" out); each border is then drawn by the task's own
-    `limit_csf_border`, the card's last step, on the input grid.
-    """
-    card = model.card.to_dict()
-    without = card | {"postprocessing": [s for s in card["postprocessing"] if s != "csf_border"]}
-    without.pop("csf_border_mm", None)
+def input_grid_labels(
+    model, recipe, sources, images: int, without_border: dict, input_spacing: float
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The same seeds drawn at `input_spacing` and segmented by the task, as a user's scan is:
+    per image the labels after the card's steps but the border (the task runs a copy of the
+    model folder with that card), and the target's labels."""
     shape = tuple(round(n * recipe.spacing / input_spacing) for n in recipe.shape)
     grid = GridSpec(shape, input_spacing)
-    spacing = np.full(3, input_spacing)
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / model.path.name
         shutil.copytree(model.path, copy)
-        (copy / "card.json").write_text(json.dumps(without, indent=2))
+        (copy / "card.json").write_text(json.dumps(without_border, indent=2))
         for index in range(images):
             image, target = make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
             scan = sitk.GetImageFromArray(image[0].numpy())
             scan.SetSpacing([input_spacing] * 3)
             scan.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # RAS, as drawn
             labels = sitk.GetArrayFromImage(segment(scan, str(copy), device="cpu").labels)
-            predictions = {}
-            for name, variant in variants.items():
-                border = variant.get("csf_border_mm")
-                predictions[name] = (
-                    labels
-                    if border is None
-                    else limit_csf_border(labels, card["tight_labels"], spacing, border)
-                )
-            truth = target[0].numpy()
-            yield predictions, truth > 0, ndimage.binary_fill_holes(truth == 1)
+            yield labels, target[0].numpy()
 
 
 def main() -> None:
@@ -142,25 +121,31 @@ def main() -> None:
     card = model.card.to_dict()
     recipe = RECIPES["brain-extraction"]
     sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None)
-    other_steps = [step for step in card["postprocessing"] if step != "csf_border"]
-    variants = {"without": card | {"postprocessing": other_steps}} | {
-        f"with_{border:g}mm": card
-        | {"postprocessing": [*other_steps, "csf_border"], "csf_border_mm": border}
-        for border in arguments.borders
+    without_border = card | {
+        "postprocessing": [step for step in card["postprocessing"] if step != "csf_border"]
     }
-    variants["without"].pop("csf_border_mm", None)
+    without_border.pop("csf_border_mm", None)
+    borders = {"without": None} | {f"with_{b:g}mm": b for b in arguments.borders}
     if arguments.input_spacing is None:
         spacing = np.full(3, recipe.spacing)
-        cases = network_grid_predictions(model, recipe, sources, arguments.images, variants)
+        cases = network_grid_labels(model, recipe, sources, arguments.images, without_border)
     else:
         spacing = np.full(3, arguments.input_spacing)
-        cases = input_grid_predictions(
-            model, recipe, sources, arguments.images, variants, arguments.input_spacing
+        cases = input_grid_labels(
+            model, recipe, sources, arguments.images, without_border, arguments.input_spacing
         )
-    figures: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    figures: dict[str, list[dict[str, float]]] = {name: [] for name in borders}
     start = time.perf_counter()
-    for predictions, reference, tight in cases:
-        for name, prediction in predictions.items():
+    for labels, target in cases:
+        reference, tight = target > 0, ndimage.binary_fill_holes(target == 1)
+        for name, border in borders.items():
+            # The card's last step, as the task draws it (brain-extraction's label values are
+            # its class indices, so one call serves the network's grid and the task's output).
+            prediction = (
+                labels
+                if border is None
+                else limit_csf_border(labels, card["tight_labels"], spacing, border)
+            )
             figures[name].append(mask_figures(prediction, reference, tight, spacing))
     results: dict[str, float] = {}
     for name, values in figures.items():
