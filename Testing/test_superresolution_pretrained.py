@@ -164,6 +164,28 @@ def test_the_profile_channel_flags_rect_patches():
         np.testing.assert_array_equal(inputs[5], flag)
 
 
+def test_elastic_bends_training_patches_smoothly_and_never_validation_patches():
+    """`elastic`: a smooth field of at most the asked voxels moves the sampling points of training
+    patches; validation patches (augment off) are the same with or without it."""
+    field = recipe_module._displacement(np.random.default_rng(3), (24, 16, 16), 3.0)
+    field = field.reshape(3, 24, 16, 16)
+    assert 0.3 < np.abs(field).max() <= 3.0
+    for axis, length in zip((1, 2, 3), (24, 16, 16), strict=True):
+        # linear between 4 control values in [-3, 3]: at most 6 voxels over a third of the axis
+        assert np.abs(np.diff(field, axis=axis)).max() <= 6.0 / ((length - 1) / 3) + 1e-9
+    bent = SuperResolveRecipe(**{**TINY.__dict__, "elastic": 3.0})
+    volume = tiny_volumes()[0]
+    acquisition = recipe_module.Acquisition(4.0, 3.0, "gaussian", 0.25, 0.0)
+
+    def patch(recipe, augment):
+        return recipe_module.sample_patch(
+            volume, recipe, np.random.default_rng(5), acquisition, augment=augment
+        )[1]
+
+    np.testing.assert_array_equal(patch(bent, False), patch(TINY, False))
+    assert np.abs(patch(bent, True) - patch(TINY, True)).max() > 0.01
+
+
 def test_widened_inputs_start_as_the_original_network():
     """New input channels get zero weights: the network computes what it did, whatever they hold."""
     import torch

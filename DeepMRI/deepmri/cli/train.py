@@ -282,6 +282,12 @@ def _add_superresolve(tasks: argparse._SubParsersAction) -> None:
         "--rect-share", type=float, default=0.5, help="share of patches with a rect profile"
     )
     superresolve.add_argument(
+        "--elastic",
+        type=float,
+        default=0.0,
+        help="bend each patch by a smooth random field of up to this many voxels (0: off)",
+    )
+    superresolve.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -324,6 +330,7 @@ def _superresolve(arguments: argparse.Namespace) -> int:
         ema=arguments.ema,
         profile_channel=arguments.profile_channel,
         rect_share=arguments.rect_share,
+        elastic=arguments.elastic,
         init_from=arguments.init_from,
         validation_patches=arguments.validation_patches,
         validate_every=arguments.validate_every,
