@@ -186,6 +186,26 @@ def test_elastic_bends_training_patches_smoothly_and_never_validation_patches():
     assert np.abs(patch(bent, True) - patch(TINY, True)).max() > 0.01
 
 
+def test_shelled_heads_are_whole_heads_that_validation_never_samples():
+    """`shelled_heads`: MNI152's brain in synthetic layers is a head within its grid (dark air
+    at the corners and ends of the middle rows); the fixed validation patches stay the same."""
+    head = recipe_module.shelled_mni_heads(1)[0]
+    z, y, x = head.values.shape
+    assert not head.validated and (z, y, x) == recipe_module.SHELLED_HEAD_GRID
+    corners_dark = head.values[[0, 0, -1, -1], [0, -1, 0, -1], [0, -1, -1, 0]]
+    assert corners_dark.max() < 0.1
+    for row in (head.values[z // 2, y // 2, :], head.values[z // 2, :, x // 2]):
+        bright = np.flatnonzero(row > 0.15)  # air, layers, brain, layers, air
+        assert bright[0] > 3 and bright[-1] < len(row) - 4  # the head ends inside the grid
+    real = recipe_module.TrainingVolume.of("blobs", tiny_volumes()[0].values)
+    recipe = SuperResolveRecipe(**{**TINY.__dict__, "validation_patches": 2})
+    plain = recipe_module.validation_set([real], recipe)
+    mixed = recipe_module.validation_set([real, head], recipe)
+    for (_, truth, case), (_, truth2, case2) in zip(plain, mixed, strict=True):
+        np.testing.assert_array_equal(truth, truth2)
+        assert case == case2
+
+
 def test_widened_inputs_start_as_the_original_network():
     """New input channels get zero weights: the network computes what it did, whatever they hold."""
     import torch

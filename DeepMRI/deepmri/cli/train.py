@@ -288,6 +288,12 @@ def _add_superresolve(tasks: argparse._SubParsersAction) -> None:
         help="bend each patch by a smooth random field of up to this many voxels (0: off)",
     )
     superresolve.add_argument(
+        "--shelled-heads",
+        type=int,
+        default=0,
+        help="also train on this many whole heads made of MNI152's brain in synthetic layers",
+    )
+    superresolve.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -331,6 +337,7 @@ def _superresolve(arguments: argparse.Namespace) -> int:
         profile_channel=arguments.profile_channel,
         rect_share=arguments.rect_share,
         elastic=arguments.elastic,
+        shelled_heads=arguments.shelled_heads,
         init_from=arguments.init_from,
         validation_patches=arguments.validation_patches,
         validate_every=arguments.validate_every,

@@ -89,14 +89,7 @@ def sample_parameters(
     mode = rng.choice(["synthetic", "real", "hybrid"], p=[0.55, 0.3, 0.15])
     shells: list[float] = []
     if task == BRAIN_EXTRACTION and source == "mni" and rng.random() < 0.75:
-        shells = [
-            float(rng.uniform(1.0, CSF_BORDER_MM)),  # outer CSF: inside the default mask (label 2)
-            float(rng.uniform(1.0, 3.0)),  # inner table
-            float(rng.uniform(1.0, 5.0)),  # diploe
-            float(rng.uniform(1.0, 3.0)),  # outer table
-            float(rng.uniform(2.0, 7.0)),  # scalp
-            float(rng.uniform(0.0, 5.0)),  # fat
-        ]
+        shells = draw_shells(rng)
     if task == BRAIN_EXTRACTION and source == "mni" and mode == "hybrid" and not shells:
         mode = "real"
     if source == "head" and mode == "hybrid":
@@ -140,6 +133,18 @@ def sample_parameters(
         crop_mm=crop,
         mask_margin_voxels=int(rng.choice([-2, -1, 0, 0, 0, 1, 2])),
     )
+
+
+def draw_shells(rng: np.random.Generator) -> list[float]:
+    """Random thicknesses (mm) of the layers around a stripped brain, inside out."""
+    return [
+        float(rng.uniform(1.0, CSF_BORDER_MM)),  # outer CSF: inside the default mask (label 2)
+        float(rng.uniform(1.0, 3.0)),  # inner table
+        float(rng.uniform(1.0, 5.0)),  # diploe
+        float(rng.uniform(1.0, 3.0)),  # outer table
+        float(rng.uniform(2.0, 7.0)),  # scalp
+        float(rng.uniform(0.0, 5.0)),  # fat
+    ]
 
 
 def _shift_range(task: str, rng) -> np.ndarray:
