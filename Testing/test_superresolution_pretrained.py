@@ -13,6 +13,7 @@ from deepmri.models import Model
 from deepmri.superres import superresolve
 from deepmri.superres.net3d import (
     ThickSliceNet3d,
+    acquired_input,
     apply_network,
     condition_channels,
     widen_inputs,
@@ -204,6 +205,14 @@ def test_shelled_heads_are_whole_heads_that_validation_never_samples():
     for (_, truth, case), (_, truth2, case2) in zip(plain, mixed, strict=True):
         np.testing.assert_array_equal(truth, truth2)
         assert case == case2
+
+
+def test_noise_without_a_generator_is_refused_not_skipped():
+    """Asking the forward model for noise without the generator to draw it is an error: it used
+    to return the noiseless input silently."""
+    truth = np.ones((24, 4, 4))
+    with pytest.raises(ValueError, match="rng"):
+        acquired_input(truth, 4.0, 4.0, "gaussian", 0.5, slice(0, 24), False, noise=0.02)
 
 
 def test_widened_inputs_start_as_the_original_network():

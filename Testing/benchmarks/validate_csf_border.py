@@ -39,7 +39,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).parent))
 
 from deepmri.models import ModelStore  # noqa: E402
-from deepmri.tasks.segment import _postprocess_labels, limit_csf_border, segment  # noqa: E402
+from deepmri.tasks.segment import limit_csf_border, postprocess_labels, segment  # noqa: E402
 from deepmri.train.labels import CSF_BORDER_MM, build_sources  # noqa: E402
 from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair  # noqa: E402
 from deepmri.train.synth import GridSpec  # noqa: E402
@@ -73,7 +73,7 @@ def network_grid_labels(
             plain = torch.softmax(network(image[None]).float(), 1)
             mirrored = torch.softmax(network(image[None].flip(4)).float(), 1).flip(4)
         class_index = ((plain + mirrored) / 2).argmax(1)[0].numpy()
-        yield _postprocess_labels(class_index, without_border, spacing), target[0].numpy()
+        yield postprocess_labels(class_index, without_border, spacing), target[0].numpy()
 
 
 def input_grid_labels(

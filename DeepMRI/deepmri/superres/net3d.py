@@ -132,12 +132,14 @@ def acquired_input(
     every `spacing` voxels from `first_centre`, Rician noise of `noise` (drawn from `rng`), cubic
     B-spline back onto the voxels, the conditioning channels (the shape flag if `with_shape`).
     """
+    if noise > 0 and rng is None:
+        raise ValueError("acquired_input: noise needs the generator to draw it from (rng)")
     length = truth.shape[0]
     centres = first_centre + np.arange(int(length // spacing) + 1) * spacing
     centres = centres[centres < length]
     profile = SliceProfile(thickness, spacing, shape)
     thick = np.tensordot(degradation_matrix(length, 1.0, profile, centres), truth, axes=(1, 0))
-    if noise > 0 and rng is not None:
+    if noise > 0:
         draws = rng.normal(scale=noise, size=(2, *thick.shape))
         thick = np.sqrt((thick + draws[0]) ** 2 + draws[1] ** 2)
     positions = np.arange(length) + 0.5

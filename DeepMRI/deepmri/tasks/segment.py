@@ -225,7 +225,7 @@ def segment(
             cancel,
         )
         mask = (
-            _postprocess_labels(
+            postprocess_labels(
                 np.argmax(brain.probabilities, axis=0), brain.card, working.GetSpacing()
             )
             > 0
@@ -366,7 +366,7 @@ def _back_to_input_grid(
     return np.stack(resampled)
 
 
-def _postprocess_labels(
+def postprocess_labels(
     class_index: np.ndarray, card: dict[str, Any], spacing: Sequence[float]
 ) -> np.ndarray:
     """Card-listed clean-up of the foreground: keep the largest component, fill its holes, and
@@ -459,7 +459,7 @@ def _assemble_result(
     class_index = np.argmax(output.probabilities, axis=0)
     if mask is not None:
         class_index = np.where(mask, class_index, 0)
-    class_index = _postprocess_labels(class_index, card, image.GetSpacing())
+    class_index = postprocess_labels(class_index, card, image.GetSpacing())
     label_info = sorted(card["labels"], key=lambda label: label["value"])
     values = np.zeros(len(output.probabilities), dtype=np.uint8)
     for channel, label in enumerate(label_info, start=1):
