@@ -169,13 +169,13 @@ SHELLED_HEAD_SEED = 800_000_000
 SHELLED_HEAD_GRID = (224, 256, 224)  # 1 mm, (z, y, x): the MNI brain, 25 mm of layers, pose
 
 
-def _head_means(means: list[float], rng: np.random.Generator) -> list[float]:
-    """The generator's label means, made like a T1 head: dark air, the real brain at its own scale
-    (the hybrid image multiplies it by the grey-matter mean / 0.6), CSF around it dark as in the
-    real brain, the other layers anywhere up to a little above the brain."""
+def _head_means(count: int, rng: np.random.Generator) -> list[float]:
+    """Means of the generator's `count` label values, made like a T1 head: dark air, the real
+    brain at its own scale (the hybrid image multiplies it by the grey-matter mean / 0.6), CSF
+    around it dark as in the real brain, the other layers anywhere up to a little above it."""
     from deepmri.train.labels import CSF, GREY, OUTER_CSF
 
-    means = [float(value) for value in rng.uniform(0.0, 1.2, len(means))]
+    means = [float(value) for value in rng.uniform(0.0, 1.2, count)]
     means[0] = float(rng.uniform(0.0, 0.05))
     means[GREY] = 0.6
     means[CSF] = float(rng.uniform(0.05, 0.35))
@@ -217,7 +217,7 @@ def shelled_mni_heads(
             mode="hybrid",
             shells_mm=draw_shells(rng),
             translation_mm=[0.0, 0.0, 0.0],
-            means=_head_means(params.means, rng),
+            means=_head_means(len(params.means), rng),
             stds=[0.25 * value for value in params.stds],
             blur_voxels=float(rng.uniform(0.3, 0.6)),
             bias_strength=0.0,
