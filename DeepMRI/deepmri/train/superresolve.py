@@ -581,9 +581,22 @@ def card_for(
         "metrics": [],
         "training": {
             "data": (
-                "Real 1 mm volumes only: the MNI ICBM152 2009a T1 (nilearn) and the pydeface mean "
-                "whole head (pydeface wheel), randomly rotated, rescaled (0.6-1.4 voxels), "
-                "gamma/scale/bias-augmented, made thick along the first patch axis by the "
+                ("Real 1 mm volumes" if recipe.shelled_heads else "Real 1 mm volumes only")
+                + ": the MNI ICBM152 2009a T1 (nilearn) and the pydeface mean whole head "
+                "(pydeface wheel)"
+                + (
+                    f", and {recipe.shelled_heads} whole heads made of the MNI T1's brain in "
+                    "synthetic layers (CSF rim, skull, scalp, fat)"
+                    if recipe.shelled_heads
+                    else ""
+                )
+                + ", randomly rotated, rescaled (0.6-1.4 voxels)"
+                + (
+                    f", bent by a smooth random field of up to {recipe.elastic:g} voxels"
+                    if recipe.elastic
+                    else ""
+                )
+                + ", gamma/scale/bias-augmented, made thick along the first patch axis by the "
                 "deepmri.superres.profile forward model (Gaussian or rect profile, rect on "
                 f"{round(100 * recipe.rect_share)}%, factor "
                 f"{'/'.join(str(f) for f in recipe.factors)}, thickness 60-100% of the spacing, "
