@@ -54,8 +54,7 @@ SSIM_KERNEL = 11  # MONAI's SSIMMetric defaults: 11-voxel Gaussian window, sigma
 
 def evaluation_volumes(crop_half_mm: bool = True) -> dict[str, sitk.Image]:
     """Colin27 1 mm (z cut to a multiple of 12 slices) and a central crop of the 0.5 mm one."""
-    colin = sitk.Cast(data.load_colin27("t1"), sitk.sitkFloat32)
-    colin = _head_box(colin[:, :, : colin.GetSize()[2] // 12 * 12])
+    colin = one_mm_case(data.load_colin27("t1"))
     fine = sitk.Cast(data.load_colin27("t1_0.5mm"), sitk.sitkFloat32)
     if crop_half_mm:
         # 80 x 96 x 60 mm around the middle of the brain (3.7 M voxels).
@@ -64,6 +63,13 @@ def evaluation_volumes(crop_half_mm: bool = True) -> dict[str, sitk.Image]:
         start[2] += 20  # the 0.5 mm field of view reaches far below the brain
         fine = sitk.RegionOfInterest(fine, size, start)
     return {"colin27-1mm": colin, "colin27-0.5mm": fine}
+
+
+def one_mm_case(image: sitk.Image) -> sitk.Image:
+    """A 1 mm head as the evaluation scores it: float, z cut to a multiple of 12 slices (both
+    factors divide it), the air around the head cropped in-plane."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    return _head_box(image[:, :, : image.GetSize()[2] // 12 * 12])
 
 
 def _head_box(image: sitk.Image, margin: int = 4) -> sitk.Image:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from deepmri import data  # noqa: E402
 from deepmri.superres import SSLSettings  # noqa: E402
 from deepmri.train.labels import fetch_pydeface_head  # noqa: E402
-from eval_superresolution import PROFILES, _head_box, run_case  # noqa: E402
+from eval_superresolution import PROFILES, one_mm_case, run_case  # noqa: E402
 
 # (factor, profile name): the evaluation's cases on a 1 mm volume
 CASES = ((4, "gaussian"), (4, "rect-gap"), (6, "gaussian"))
@@ -40,15 +40,10 @@ CASES = ((4, "gaussian"), (4, "rect-gap"), (6, "gaussian"))
 
 def training_volumes(cache: Path) -> dict[str, sitk.Image]:
     """The recipe's two real volumes, cropped and cut as the evaluation cuts Colin27."""
-    volumes = {
-        "mni152": data.load_mni152("t1"),
-        "pydeface": sitk.ReadImage(str(fetch_pydeface_head(cache))),
+    return {
+        "mni152": one_mm_case(data.load_mni152("t1")),
+        "pydeface": one_mm_case(sitk.ReadImage(str(fetch_pydeface_head(cache)))),
     }
-    prepared = {}
-    for name, image in volumes.items():
-        image = sitk.Cast(image, sitk.sitkFloat32)
-        prepared[name] = _head_box(image[:, :, : image.GetSize()[2] // 12 * 12])
-    return prepared
 
 
 def score(models: list[str], cache: Path) -> dict[str, float]:
