@@ -85,6 +85,15 @@ def test_generator_is_deterministic_from_parameters(sources, task):
     assert not np.array_equal(first_image, other_image)
 
 
+def test_wider_bias_range_changes_only_the_bias(sources):
+    """--bias-max widens the bias field without shifting any other draw: same anatomy, pose,
+    contrast and crop for a seed, so runs with and without it see the same heads."""
+    usual = sample_parameters(5, BRAIN_EXTRACTION, sources, SMALL.spacing).to_dict()
+    wider = sample_parameters(5, BRAIN_EXTRACTION, sources, SMALL.spacing, bias_max=1.0).to_dict()
+    assert wider.pop("bias_strength") == pytest.approx(usual.pop("bias_strength") * 2.0)
+    assert wider == usual
+
+
 def test_generator_output_is_normalised_with_brain_targets(sources):
     for seed in range(4):
         params = _mni_only(sample_parameters(seed, BRAIN_EXTRACTION, sources, SMALL.spacing))

@@ -53,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     segment.add_argument(
         "--bf16", action="store_true", help="bfloat16 autocast (faster only with AMX/AVX-512)"
     )
+    segment.add_argument(
+        "--bias-max",
+        type=float,
+        default=None,
+        help="widest bias field of the synthetic images (log-amplitude; recipe default 0.5)",
+    )
     segment.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     segment.add_argument("--workers", type=int, default=1, help="data generation processes")
     segment.add_argument("--cache", type=Path, default=None, help="label-map cache (OUT/cache)")
@@ -97,6 +103,9 @@ def _segment(arguments: argparse.Namespace) -> int:
             threads=arguments.threads,
             workers=arguments.workers,
             command=command,
+            recipe_overrides=(
+                {"bias_max": arguments.bias_max} if arguments.bias_max is not None else None
+            ),
         )
         print(f"trained {state['iteration']} iterations; best validation Dice {state['best']:.4f}")
     if arguments.export:

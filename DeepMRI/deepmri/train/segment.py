@@ -31,6 +31,7 @@ from deepmri.train.labels import CSF_BORDER_MM, ORIENTATION, LabelSource, build_
 from deepmri.train.synth import (
     BRAIN_EXTRACTION,
     BRAIN_TISSUE,
+    DEFAULT_BIAS_MAX,
     GridSpec,
     generate,
     sample_parameters,
@@ -60,6 +61,7 @@ class Recipe:
     postprocessing: list[str] = field(default_factory=list)
     tight_labels: tuple[int, ...] = ()  # labels of the tight brain (the card's tight_labels)
     csf_border_mm: float | None = None  # the card's csf_border_mm (the "csf_border" step)
+    bias_max: float = DEFAULT_BIAS_MAX  # the generator's widest bias field (log-amplitude)
     description: str = ""
 
     @property
@@ -157,7 +159,7 @@ class SyntheticStream(torch.utils.data.IterableDataset):
 def make_pair(
     recipe: Recipe, sources: dict[str, LabelSource], seed: int, grid: GridSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    params = sample_parameters(seed, recipe.model_id, sources, grid.spacing)
+    params = sample_parameters(seed, recipe.model_id, sources, grid.spacing, recipe.bias_max)
     image, target = generate(params, sources, grid)
     return torch.from_numpy(image)[None], torch.from_numpy(target.astype(np.int64))[None]
 
@@ -343,7 +345,7 @@ def train(
         "history": [],
         "seed": seed,
         "model_id": model_id,
-        "recipe": recipe.network_config() | {"spacing": recipe.spacing, "shape": recipe.shape},
+        "recipe": _recipe_record(recipe),
         "commands": [],
         "prior": {"from": None, "iterations": 0, "minutes": 0.0},
         "learning_rate": recipe.learning_rate,
@@ -360,10 +362,7 @@ def train(
         # and validation scores on the new grid are not comparable with the old best.
         if list(state["recipe"]["shape"]) != list(recipe.shape):
             state["best"] = -1.0
-        state["recipe"] = recipe.network_config() | {
-            "spacing": recipe.spacing,
-            "shape": recipe.shape,
-        }
+        state["recipe"] = _recipe_record(recipe)
         state.setdefault("prior", {"from": None, "iterations": 0, "minutes": 0.0})
         print(f"resumed at iteration {state['iteration']}", flush=True)
     elif init_from is not None:
@@ -451,6 +450,15 @@ def train(
     return state
 
 
+def _recipe_record(recipe: Recipe) -> dict[str, Any]:
+    """What the checkpoint keeps of the recipe: enough to rebuild the network and card on export."""
+    return recipe.network_config() | {
+        "spacing": recipe.spacing,
+        "shape": recipe.shape,
+        "bias_max": recipe.bias_max,
+    }
+
+
 def _save_checkpoint(path: Path, network, optimizer, state) -> None:
     prior = state.get("prior") or {}
     state["cumulative_iterations"] = int(prior.get("iterations", 0)) + state["iteration"]
@@ -476,6 +484,7 @@ def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, 
         num_res_units=state["recipe"]["num_res_units"],
         spacing=state["recipe"]["spacing"],
         shape=tuple(state["recipe"]["shape"]),
+        bias_max=state["recipe"].get("bias_max", DEFAULT_BIAS_MAX),
     )
     network = build_network(recipe)
     network.load_state_dict(torch.load(out_dir / "best.pt", weights_only=True))
@@ -537,6 +546,8 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
         "mm of it (the "
         "CSF around the brain; wider extra-cerebral CSF is background). No Colin27."
     )
+    if recipe.bias_max != DEFAULT_BIAS_MAX:
+        data += f" Bias fields up to a log-amplitude of {recipe.bias_max:g} (default {DEFAULT_BIAS_MAX:g})."
     return {
         "id": recipe.model_id,
         "version": version,

@@ -43,6 +43,12 @@ class GridSpec:
     spacing: float
 
 
+# Log-amplitude of the smooth bias field: control points N(0, strength), strength up to this.
+# Real heads can be darker still: the lower cerebellum of ROBEX's reference head is at a third of
+# the mid-brain's intensity (recipes may widen it with `bias_max`).
+DEFAULT_BIAS_MAX = 0.5
+
+
 @dataclass
 class GeneratorParameters:
     """Every random choice behind one training image (JSON-serialisable with `asdict`)."""
@@ -78,9 +84,17 @@ class GeneratorParameters:
 
 
 def sample_parameters(
-    seed: int, task: str, sources: dict[str, LabelSource], spacing: float
+    seed: int,
+    task: str,
+    sources: dict[str, LabelSource],
+    spacing: float,
+    bias_max: float = DEFAULT_BIAS_MAX,
 ) -> GeneratorParameters:
-    """Draw one image's parameters; the only place with randomness besides seeded noise fields."""
+    """Draw one image's parameters; the only place with randomness besides seeded noise fields.
+
+    `bias_max` bounds the bias field's log-amplitude (per-image strength drawn from [0, bias_max]);
+    a wider range changes no other draw, so the same seed keeps its anatomy, pose and contrast.
+    """
     rng = np.random.default_rng(seed)
     if task == BRAIN_EXTRACTION:
         source = "head" if rng.random() < 0.5 else "mni"
@@ -124,7 +138,7 @@ def sample_parameters(
         means=means.tolist(),
         stds=stds.tolist(),
         blur_voxels=float(rng.uniform(0.0, 1.0)),
-        bias_strength=float(rng.uniform(0.0, 0.5)),
+        bias_strength=float(rng.uniform(0.0, bias_max)),
         thick_axis=thick_axis,
         thickness_mm=float(rng.uniform(3.0, 7.0)),
         noise=float(rng.uniform(0.0, 0.06)),
