@@ -441,3 +441,28 @@ def test_bundled_model_beats_cubic_on_an_mni_crop(mni_t1, factor, thickness, sha
     assert psnr(restored.image) > psnr(cubic) + 0.8
     spread = sitk.GetArrayFromImage(restored.uncertainty)
     assert spread.min() >= 0 and 0 < spread.mean() < values.std()
+
+
+def test_a_card_that_averages_flips_gives_their_mean_with_or_without_the_uncertainty_map(
+    tiny_model,
+):
+    """`inference.average_flips`: the plain pass and the card's in-plane flips, always averaged,
+    so asking for the uncertainty map does not change the volume; without it, one pass."""
+    image = simulate_thick_slices(
+        sitk.Cast(make_oblique_image(size=(16, 12, 48), spacing=(1, 1, 1)), sitk.sitkFloat32), 4.0
+    )
+    model = Model(tiny_model[0])
+    card = model.card.to_dict()
+    card["inference"]["average_flips"] = True
+    from deepmri.models.model import save_model
+
+    averaging = save_model(model.load_network(), card, tiny_model[1] / "averaging").path
+    plain = superresolve(image, factor=4, method="pretrained", model=str(tiny_model[0]))
+    averaged = superresolve(image, factor=4, method="pretrained", model=str(averaging))
+    with_map = superresolve(
+        image, factor=4, method="pretrained", model=str(averaging), uncertainty=True
+    )
+    assert (plain.info["passes"], averaged.info["passes"]) == (1, 3)
+    values = [sitk.GetArrayFromImage(result.image) for result in (plain, averaged, with_map)]
+    np.testing.assert_array_equal(values[1], values[2])
+    assert not np.allclose(values[0], values[1], atol=1e-6 * np.ptp(values[0]))

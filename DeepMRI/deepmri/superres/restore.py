@@ -246,6 +246,16 @@ def _working_grid(image: sitk.Image, axis: int) -> Grid:
     return output_grid(image, working_spacing)
 
 
+def _pretrained_passes(inference: dict[str, Any], uncertainty: bool) -> list[tuple[int, ...]]:
+    """The passes of the pretrained network as array axes of the thick-axis-first volume: the
+    plain pass, then the card's in-plane flips (tensor dims 3, 4 -> axes 1, 2) when the
+    uncertainty map is asked for or the card averages them (`average_flips`)."""
+    from deepmri.models.card import flips_to_run
+
+    flipped = flips_to_run(inference, uncertainty)
+    return [(), *(tuple(dim - 2 for dim in flip) for flip in flipped)]
+
+
 def _pretrained(
     image: sitk.Image,
     axis: int,
@@ -316,7 +326,7 @@ def _pretrained(
         if torch_device.type == "cpu":
             network = network.to(memory_format=torch.channels_last_3d)
     progress(applying, f"Applying the pretrained model '{found.card.id}' ({torch_device})")
-    flips = ((), (2,)) if uncertainty else ((),)
+    flips = _pretrained_passes(found.card.inference, uncertainty)
     mean, spread = apply_network(
         network,
         np.moveaxis(cubic, thick, 0),
