@@ -315,7 +315,8 @@ def test_pretrained_method_keeps_geometry_exactly_on_oblique_input(
     values = sitk.GetArrayFromImage(output)
     assert values.min() >= before.min() - 1e-4 and values.max() <= before.max() + 1e-4
     assert np.array_equal(sitk.GetArrayViewFromImage(image), before)
-    assert result.info["model"] == "thick-to-thin-3d" and result.info["passes"] == 2
+    # the plain pass and the card's two in-plane flips, which the uncertainty map is spread over
+    assert result.info["model"] == "thick-to-thin-3d" and result.info["passes"] == 3
 
 
 def test_task_runs_the_pretrained_method_with_its_uncertainty(tiny_model):
