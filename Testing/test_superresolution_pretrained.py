@@ -448,17 +448,20 @@ def test_a_card_that_averages_flips_gives_their_mean_with_or_without_the_uncerta
     tiny_model,
 ):
     """`inference.average_flips`: the plain pass and the card's in-plane flips, always averaged,
-    so asking for the uncertainty map does not change the volume; without it, one pass."""
+    so asking for the uncertainty map does not change the volume; without it, one pass. The
+    recipe's export switches it on (chosen on whole training volumes)."""
     image = simulate_thick_slices(
         sitk.Cast(make_oblique_image(size=(16, 12, 48), spacing=(1, 1, 1)), sitk.sitkFloat32), 4.0
     )
     model = Model(tiny_model[0])
+    assert model.card.inference["average_flips"] is True
+    averaging = tiny_model[0]
     card = model.card.to_dict()
-    card["inference"]["average_flips"] = True
+    card["inference"]["average_flips"] = False
     from deepmri.models.model import save_model
 
-    averaging = save_model(model.load_network(), card, tiny_model[1] / "averaging").path
-    plain = superresolve(image, factor=4, method="pretrained", model=str(tiny_model[0]))
+    single = save_model(model.load_network(), card, tiny_model[1] / "single").path
+    plain = superresolve(image, factor=4, method="pretrained", model=str(single))
     averaged = superresolve(image, factor=4, method="pretrained", model=str(averaging))
     with_map = superresolve(
         image, factor=4, method="pretrained", model=str(averaging), uncertainty=True
