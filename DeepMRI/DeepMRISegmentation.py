@@ -9,7 +9,7 @@ from typing import Annotated
 
 import qt
 import slicer
-from DeepMRILib.models import SavedSettings
+from DeepMRILib.models import SavedSettings, border_text, mask_options
 from DeepMRILib.tasklogic import TASK_ATTRIBUTE, TaskLogic, show_overlay
 from DeepMRILib.widgets import (
     PanelMixin,
@@ -69,7 +69,8 @@ class DeepMRISegmentationParameterNode:
 
     inputVolume - the MRI to segment. model - the model id. roi - optional box limiting the region.
     includeCsf - brain mask with the CSF around the brain (off: the tight brain, for models with
-    both conventions).
+    both conventions). csfBorderMm - how far that CSF may reach beyond the tight brain; below 0
+    (the box shows "model default") the model card's border.
     device - where to run (auto, cpu, cuda, mps). probabilities/uncertainty - extra outputs.
     outputSegmentation - the latest result. overlayVolume/showOverlay - a probability or
     uncertainty map shown over the input in the slice views.
@@ -80,6 +81,7 @@ class DeepMRISegmentationParameterNode:
     roi: vtkMRMLMarkupsROINode
     device: Annotated[str, Choice(DEVICES)] = "auto"
     includeCsf: bool = True
+    csfBorderMm: float = -0.5
     probabilities: bool = False
     uncertainty: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
@@ -126,7 +128,12 @@ class DeepMRISegmentationWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObs
         )
         if parameters:
             self.showModel(parameters.model)
-            self.ui.includeCsfCheckBox.enabled = self._offersTightMask(parameters.model)
+            model = self._models.get(parameters.model, {})
+            both = self.ui.includeCsfCheckBox.enabled = bool(model.get("tight_mask"))
+            self.ui.csfBorderSpinBox.enabled = both and parameters.includeCsf
+            self.ui.csfBorderSpinBox.specialValueText = _("model default ({border})").format(
+                border=border_text(model)
+            )
             show_overlay(slicer.mrmlScene, parameters.overlayVolume, parameters.showOverlay)
 
     def onApplyButton(self) -> None:
@@ -137,13 +144,14 @@ class DeepMRISegmentationWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObs
             what=_("Segmentation failed"),
             device=parameters.device,
             model=parameters.model,
-            csf=parameters.includeCsf or not self._offersTightMask(parameters.model),
+            **mask_options(
+                self._models.get(parameters.model, {}),
+                parameters.includeCsf,
+                parameters.csfBorderMm,
+            ),
             roi_node=parameters.roi,
             wanted=[name for name in ("probability", "uncertainty") if getattr(parameters, name)],
         )
-
-    def _offersTightMask(self, model_id: str) -> bool:
-        return bool(self._models.get(model_id, {}).get("tight_mask"))
 
     def _showResult(self, outputs) -> None:
         if self.parameters:

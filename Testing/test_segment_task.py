@@ -22,6 +22,7 @@ from deepmri.models.card import CardError, ModelCard
 from deepmri.nets import register_architecture
 from deepmri.progress import CancelToken
 from deepmri.settings import Settings
+from deepmri.tasks.base import TaskError
 from deepmri.tasks.segment import segment
 from monai.networks.nets import UNet
 
@@ -445,6 +446,38 @@ def test_csf_border_keeps_the_csf_within_its_millimetres_of_the_tight_brain(tmp_
     assert ((bordered == 1) == (whole == 1)).all()  # the tight brain is untouched
 
 
+def test_a_users_csf_border_replaces_the_cards_and_is_recorded(tmp_path):
+    # The same shell as above, with no border on the card: the user's 3 mm gives what the
+    # card's 3 mm gives; 0 mm keeps no CSF outside the tight brain; the tight brain is the same.
+    store = _two_convention_store(tmp_path)
+    image = shell_image()
+    image.SetSpacing((1.5, 1.5, 3.0))
+    whole = segment(image, "test-brain-csf", store=store)
+    three = segment(image, "test-brain-csf", csf_border_mm=3.0, store=store)
+    none = segment(image, "test-brain-csf", csf_border_mm=0.0, store=store)
+    whole_labels, three_labels, none_labels = (
+        sitk.GetArrayFromImage(result.labels) for result in (whole, three, none)
+    )
+    assert int((three_labels[20, 20, 32:] == 2).sum()) == 2
+    assert int((three_labels[32:, 20, 20] == 2).sum()) == 1
+    assert int((none_labels[20, 20, 32:] == 2).sum()) == 0
+    assert ((none_labels == 1) == (whole_labels == 1)).all()
+    assert (none_labels > 0).sum() < (three_labels > 0).sum() < (whole_labels > 0).sum()
+    assert three.provenance["csf_border_mm"] == 3.0 and "csf_border_mm" not in whole.provenance
+
+
+@pytest.mark.parametrize("border", [-1.0, float("nan")])
+def test_a_negative_or_not_a_number_csf_border_is_refused_before_work(tmp_path, border):
+    with pytest.raises(TaskError, match="0 mm or more"):
+        segment(shell_image(), "test-brain-csf", csf_border_mm=border,
+                store=_two_convention_store(tmp_path))  # fmt: skip
+
+
+def test_a_csf_border_with_a_one_convention_model_is_refused_before_work(store):
+    with pytest.raises(ModelError, match="one mask convention.*--csf-border-mm"):
+        segment(blob_image(), "test-brain", csf_border_mm=2.0, store=store)
+
+
 def test_a_csf_border_step_needs_its_distance_and_tight_labels():
     data = copy.deepcopy(threshold_card("test-brain-csf", 3))
     data["postprocessing"] = ["csf_border"]
@@ -471,6 +504,18 @@ def test_the_cli_passes_no_csf_to_the_task(tmp_path, unet_model_path):
     )  # fmt: skip
     assert done.returncode != 0
     assert "one mask convention" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "labels.nii.gz").exists()
+
+
+def test_the_cli_passes_the_csf_border_to_the_task(tmp_path, unet_model_path):
+    write_image(blob_image(), tmp_path / "scan.nrrd")
+    env = {"DEEPMRI_MODEL_PATH": str(unet_model_path), "DEEPMRI_HOME": str(tmp_path / "home")}
+    done = run_cli(
+        "segment", str(tmp_path / "scan.nrrd"), "-o", str(tmp_path / "labels.nii.gz"),
+        "--model", "test-unet", "--csf-border-mm", "2", env_extra=env,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--csf-border-mm" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "labels.nii.gz").exists()
 
 

@@ -372,3 +372,40 @@ def test_the_real_segment_task_runs_in_the_background_worker(scene, random_unet_
         sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(direct.labels)
     )
     assert outputs.result.info["provenance"]["models"][0]["id"] == "test-random-unet"
+
+
+def test_the_users_csf_border_reaches_the_bundled_brain_extraction_through_the_logic(scene):
+    # The module's "CSF border" box and the console pass csf_border_mm as the CLI does.
+    if "brain-extraction" not in _bundled_models():
+        pytest.skip("the bundled brain-extraction model is not installed yet")
+    from deepmri.tasks.segment import segment
+
+    image = _real_head()
+    node = mrml.volume_node_from_image(image, scene, "anatomical")
+    logic = tasklogic.TaskLogic("segment", scene)
+    outputs = logic.run(node, model="brain-extraction", csf_border_mm=0.0, config=CPU)
+    labels = sitk.GetArrayFromImage(mrml.labels_from_segmentation_node(outputs.segmentation, node))
+    direct = segment(image, "brain-extraction", device="cpu", csf_border_mm=0.0)
+    default = sitk.GetArrayFromImage(segment(image, "brain-extraction", device="cpu").labels)
+    np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(direct.labels))
+    assert outputs.result.info["provenance"]["csf_border_mm"] == 0.0
+    assert not (labels > 0)[default == 0].any()  # a narrower border only takes CSF away
+    assert 0 < (labels > 0).sum() < (default > 0).sum()
+
+
+def test_the_panels_mask_options_follow_the_model_menu():
+    # What the Segmentation panel's checkbox and "CSF border" box send, for the bundled models
+    # as the model menu lists them: the border only for a model with both conventions.
+    from DeepMRILib.models import ModelsLogic, SavedSettings, border_text, mask_options
+
+    logic = ModelsLogic(SavedSettings())
+    menu = {model["id"]: model for model in logic.models_for_task("segmentation")}
+    if not {"brain-extraction", "brain-tissue"} <= set(menu):
+        pytest.skip("the bundled models are not installed yet")
+    extraction, tissue = menu["brain-extraction"], menu["brain-tissue"]
+    assert border_text(extraction) == f"{extraction['csf_border_mm']:g} mm"
+    assert border_text(tissue) == "none"
+    assert mask_options(extraction, True, -0.5) == {"csf": True, "csf_border_mm": None}
+    assert mask_options(extraction, True, 2.0) == {"csf": True, "csf_border_mm": 2.0}
+    assert mask_options(extraction, False, 2.0) == {"csf": False, "csf_border_mm": None}
+    assert mask_options(tissue, False, 2.0) == {"csf": True, "csf_border_mm": None}

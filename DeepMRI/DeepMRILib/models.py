@@ -195,7 +195,8 @@ class ModelsLogic:
         self, task: str = "segmentation", default: str = DEFAULT_SEGMENTATION_MODEL
     ) -> list[dict[str, Any]]:
         """Usable models of one task for a menu: id, title, one-line description, whether it
-        offers the tight brain mask; default first."""
+        offers the tight brain mask and its CSF border (mm, None if it draws none); default
+        first."""
         models = []
         for info in self.store().list():
             if info.card is None or info.status != "ok" or info.task != task:
@@ -213,6 +214,7 @@ class ModelsLogic:
                     "title": title,
                     "description": description,
                     "tight_mask": bool(card.get("tight_labels")),  # offers --no-csf
+                    "csf_border_mm": card.get("csf_border_mm"),
                 }
             )
         return sorted(models, key=lambda model: (model["id"] != default, model["id"]))
@@ -333,3 +335,20 @@ def hex_color(color: Any) -> str:
     if not color:
         return "#888888"
     return "#" + "".join(f"{int(round(255 * float(c))):02x}" for c in list(color)[:3])
+
+
+def mask_options(model: dict[str, Any], include_csf: bool, border_mm: float) -> dict[str, Any]:
+    """The segment task's mask options from the panel, for a model of the model menu.
+
+    Only a model that offers both conventions takes the tight brain and a CSF border; a border
+    below 0 (the box's "model default") is the card's, and the tight brain needs none.
+    """
+    both = bool(model.get("tight_mask"))
+    border = border_mm if both and include_csf and border_mm >= 0 else None
+    return {"csf": include_csf or not both, "csf_border_mm": border}
+
+
+def border_text(model: dict[str, Any]) -> str:
+    """The card's CSF border as the panel shows it: "3.5 mm", or "none" where it draws none."""
+    border = model.get("csf_border_mm")
+    return "none" if border is None else f"{border:g} mm"

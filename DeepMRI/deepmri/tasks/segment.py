@@ -34,6 +34,7 @@ from deepmri.tasks.base import (
     OutputSpec,
     RunContext,
     Task,
+    TaskError,
     TaskResult,
     slug,
 )
@@ -57,7 +58,7 @@ class SegmentTask(Task):
         >>> from deepmri.tasks import get_task
         >>> task = get_task("segment")
         >>> [option.name for option in task.options]
-        ['model', 'csf', 'skull_stripped']
+        ['model', 'csf', 'csf_border_mm', 'skull_stripped']
         >>> result = task({"image": image}, {"model": "brain-extraction"})  # doctest: +SKIP
         >>> result.measures  # doctest: +SKIP
         {'Brain (mL)': 1510.2}
@@ -75,6 +76,14 @@ class SegmentTask(Task):
             True,
             "brain mask with the CSF around the brain (the default, as SynthStrip and deepbet "
             "give it); --no-csf: the tight brain (brain-extraction models with two labels)",
+        ),
+        OptionSpec(
+            "csf_border_mm",
+            float,
+            None,
+            "how far (mm) the CSF around the brain may reach beyond the tight brain in the "
+            "default mask, as SynthStrip's -b sets its border (default: the model card's; "
+            "brain-extraction models with two labels)",
         ),
         OptionSpec(
             "skull_stripped",
@@ -103,6 +112,7 @@ class SegmentTask(Task):
             inputs["image"],
             options["model"],
             csf=options["csf"],
+            csf_border_mm=options["csf_border_mm"],
             skull_stripped=options["skull_stripped"],
             config=context.config,
             probabilities=context.wants("probability"),
@@ -157,6 +167,7 @@ def segment(
     precision: str | None = None,
     config: RunConfig | None = None,
     csf: bool = True,
+    csf_border_mm: float | None = None,
     skull_stripped: bool = False,
     probabilities: bool = False,
     uncertainty: bool = False,
@@ -170,7 +181,10 @@ def segment(
     and skull-stripped scans both work. `config` (device, precision, threads) is how the front
     doors pass the user's choice; `device`/`precision` are shorthands on top of it. `csf=False`
     gives the tight brain mask (no CSF around the brain) of a model whose card lists
-    `tight_labels`; other models raise ModelError before any work. `skull_stripped=True` takes
+    `tight_labels`; other models raise ModelError before any work. `csf_border_mm` replaces the
+    card's `csf_border_mm` for this run: how far the CSF around the brain may reach beyond the
+    tight brain (0 keeps only the CSF enclosed by it), the one convention a user may want to move
+    (SynthStrip's `-b`). `skull_stripped=True` takes
     the input's non-zero voxels as the brain where the model would extract it first.
 
     Examples:
@@ -199,12 +213,7 @@ def segment(
         "models": [],
     }
     main_model = store.get(model)
-    if not csf and not main_model.card.tight_labels:
-        raise ModelError(
-            f"Model '{main_model.card.id}' {main_model.card.version} gives one mask convention "
-            "only; the tight brain mask (--no-csf) needs a brain-extraction model whose card "
-            "lists 'tight_labels'."
-        )
+    _check_mask_convention(main_model.card, csf, csf_border_mm)
     # A model trained on skull-stripped brains names the model that extracts the brain first.
     mask_model = main_model.card.preprocessing.get("mask")
     first_share = 0.45 if mask_model and not skull_stripped else 0.0
@@ -255,9 +264,27 @@ def segment(
     provenance["models"].append(_model_provenance(output.card))
     if not csf:
         provenance["mask"] = "tight (no CSF around the brain)"
-    result = _assemble_result(image, output, mask, probabilities, uncertainty, provenance, csf)
+    elif csf_border_mm is not None:
+        provenance["csf_border_mm"] = float(csf_border_mm)
+    result = _assemble_result(
+        image, output, mask, probabilities, uncertainty, provenance, csf, csf_border_mm
+    )
     progress(1.0, "Segmentation finished")
     return result
+
+
+def _check_mask_convention(card: Any, csf: bool, csf_border_mm: float | None) -> None:
+    """Refuse, before any work, a mask convention the model cannot give."""
+    if csf and csf_border_mm is None:
+        return
+    asked = "the tight brain mask (--no-csf)" if not csf else "a CSF border (--csf-border-mm)"
+    if not card.tight_labels:
+        raise ModelError(
+            f"Model '{card.id}' {card.version} gives one mask convention only; {asked} needs a "
+            "brain-extraction model whose card lists 'tight_labels'."
+        )
+    if csf_border_mm is not None and not (np.isfinite(csf_border_mm) and csf_border_mm >= 0):
+        raise TaskError(f"The CSF border is a distance of 0 mm or more, not {csf_border_mm}.")
 
 
 def _default_store() -> Any:
@@ -367,14 +394,22 @@ def _back_to_input_grid(
 
 
 def postprocess_labels(
-    class_index: np.ndarray, card: dict[str, Any], spacing: Sequence[float]
+    class_index: np.ndarray,
+    card: dict[str, Any],
+    spacing: Sequence[float],
+    csf_border_mm: float | None = None,
 ) -> np.ndarray:
     """Card-listed clean-up of the foreground: keep the largest component, fill its holes, and
     ("csf_border") drop CSF around the brain beyond the card's `csf_border_mm`.
 
-    `spacing` is the (x, y, z) voxel size in mm of `class_index`'s grid.
+    `spacing` is the (x, y, z) voxel size in mm of `class_index`'s grid. A `csf_border_mm` given
+    here is the user's border: it replaces the card's, and applies even where the card lists no
+    "csf_border" step (a model with `tight_labels` whose CSF reaches as far as its network drew).
     """
-    steps = card.get("postprocessing", [])
+    steps = list(card.get("postprocessing", []))
+    if csf_border_mm is not None:
+        card = {**card, "csf_border_mm": float(csf_border_mm)}
+        steps = [step for step in steps if step != "csf_border"] + ["csf_border"]
     if not steps:
         return class_index
     foreground = class_index > 0
@@ -454,12 +489,13 @@ def _assemble_result(
     with_uncertainty: bool,
     provenance: dict[str, Any],
     csf: bool = True,
+    csf_border_mm: float | None = None,
 ) -> SegmentationResult:
     card = output.card
     class_index = np.argmax(output.probabilities, axis=0)
     if mask is not None:
         class_index = np.where(mask, class_index, 0)
-    class_index = postprocess_labels(class_index, card, image.GetSpacing())
+    class_index = postprocess_labels(class_index, card, image.GetSpacing(), csf_border_mm)
     label_info = sorted(card["labels"], key=lambda label: label["value"])
     values = np.zeros(len(output.probabilities), dtype=np.uint8)
     for channel, label in enumerate(label_info, start=1):
