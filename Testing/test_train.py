@@ -32,6 +32,7 @@ from deepmri.train.synth import (  # noqa: E402
     BRAIN_TISSUE,
     GeneratorParameters,
     GridSpec,
+    _add_shells,
     generate,
     sample_parameters,
 )
@@ -92,6 +93,46 @@ def test_wider_bias_range_changes_only_the_bias(sources):
     wider = sample_parameters(5, BRAIN_EXTRACTION, sources, SMALL.spacing, bias_max=1.0).to_dict()
     assert wider.pop("bias_strength") == pytest.approx(usual.pop("bias_strength") * 2.0)
     assert wider == usual
+
+
+def test_csf_variation_changes_no_other_draw(sources):
+    usual = sample_parameters(5, BRAIN_EXTRACTION, sources, SMALL.spacing).to_dict()
+    varied = sample_parameters(
+        5, BRAIN_EXTRACTION, sources, SMALL.spacing, csf_variation_max=3.0
+    ).to_dict()
+    assert usual.pop("csf_variation_mm") == 0.0
+    assert 0.0 < varied.pop("csf_variation_mm") <= 3.0
+    assert varied == usual
+
+
+def _rim_widths(variation_mm: float) -> np.ndarray:
+    """The CSF rim's width (mm) around a ball of radius 20 on a 1 mm grid: the farthest rim voxel
+    from the ball in each of ~200 directions."""
+    coordinates = np.indices((64, 64, 64)) - 31.5
+    radius = np.sqrt((coordinates**2).sum(0))
+    labels = np.where(radius <= 20, WHITE, 0).astype(np.uint8)
+    params = GeneratorParameters(**{**_any_parameters(), "shells_mm": [2.0, 2, 3, 2, 4, 2]})
+    params.shell_wobble_mm, params.csf_variation_mm = 0.0, variation_mm
+    distance = np.clip(radius - 20, 0, None)
+    shells = _add_shells(labels, distance, params, None, np.random.default_rng(0))
+    assert (shells[labels > 0] == WHITE).all()  # the brain is never relabelled
+    rim = shells == OUTER_CSF
+    directions = np.round(coordinates[:, rim] / radius[rim] * 4).astype(int)
+    _, direction = np.unique(directions, axis=1, return_inverse=True)
+    widths = np.zeros(direction.max() + 1)
+    np.maximum.at(widths, direction.ravel(), distance[rim])
+    return widths
+
+
+def _any_parameters() -> dict:
+    return sample_parameters(3, BRAIN_EXTRACTION, {"mni": None, "head": None}, 2.0).to_dict()
+
+
+def test_csf_variation_makes_the_rim_thin_in_places_and_wide_in_others():
+    even, varied = _rim_widths(0.0), _rim_widths(3.0)
+    assert np.percentile(even, 90) - np.percentile(even, 10) <= 0.5  # one width: 2 mm
+    assert np.percentile(varied, 90) - np.percentile(varied, 10) >= 1.5
+    assert varied.max() <= CSF_BORDER_MM
 
 
 def test_generator_output_is_normalised_with_brain_targets(sources):

@@ -59,6 +59,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="widest bias field of the synthetic images (log-amplitude; recipe default 0.5)",
     )
+    segment.add_argument(
+        "--csf-variation",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="how much the synthetic CSF rim's thickness may vary around the brain (mm; "
+        "recipe default 0: a rim of one width per image)",
+    )
     segment.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     segment.add_argument("--workers", type=int, default=1, help="data generation processes")
     segment.add_argument("--cache", type=Path, default=None, help="label-map cache (OUT/cache)")
@@ -103,15 +111,26 @@ def _segment(arguments: argparse.Namespace) -> int:
             threads=arguments.threads,
             workers=arguments.workers,
             command=command,
-            recipe_overrides=(
-                {"bias_max": arguments.bias_max} if arguments.bias_max is not None else None
-            ),
+            recipe_overrides=_recipe_overrides(arguments),
         )
         print(f"trained {state['iteration']} iterations; best validation Dice {state['best']:.4f}")
     if arguments.export:
         card = export(arguments.out, arguments.export)
         print(f"exported {card['id']} to {arguments.export} ({card['weights']['size']} bytes)")
     return 0
+
+
+def _recipe_overrides(arguments: argparse.Namespace) -> dict[str, float] | None:
+    """The generator settings given on the command line (None: the recipe's own)."""
+    overrides = {
+        name: value
+        for name, value in (
+            ("bias_max", arguments.bias_max),
+            ("csf_variation_max", arguments.csf_variation),
+        )
+        if value is not None
+    }
+    return overrides or None
 
 
 def _add_synthesize(tasks: argparse._SubParsersAction) -> None:

@@ -62,6 +62,7 @@ class Recipe:
     tight_labels: tuple[int, ...] = ()  # labels of the tight brain (the card's tight_labels)
     csf_border_mm: float | None = None  # the card's csf_border_mm (the "csf_border" step)
     bias_max: float = DEFAULT_BIAS_MAX  # the generator's widest bias field (log-amplitude)
+    csf_variation_max: float = 0.0  # how much the synthetic CSF rim's thickness varies (mm)
     description: str = ""
 
     @property
@@ -159,7 +160,9 @@ class SyntheticStream(torch.utils.data.IterableDataset):
 def make_pair(
     recipe: Recipe, sources: dict[str, LabelSource], seed: int, grid: GridSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    params = sample_parameters(seed, recipe.model_id, sources, grid.spacing, recipe.bias_max)
+    params = sample_parameters(
+        seed, recipe.model_id, sources, grid.spacing, recipe.bias_max, recipe.csf_variation_max
+    )
     image, target = generate(params, sources, grid)
     return torch.from_numpy(image)[None], torch.from_numpy(target.astype(np.int64))[None]
 
@@ -456,6 +459,7 @@ def _recipe_record(recipe: Recipe) -> dict[str, Any]:
         "spacing": recipe.spacing,
         "shape": recipe.shape,
         "bias_max": recipe.bias_max,
+        "csf_variation_max": recipe.csf_variation_max,
     }
 
 
@@ -485,6 +489,7 @@ def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, 
         spacing=state["recipe"]["spacing"],
         shape=tuple(state["recipe"]["shape"]),
         bias_max=state["recipe"].get("bias_max", DEFAULT_BIAS_MAX),
+        csf_variation_max=state["recipe"].get("csf_variation_max", 0.0),
     )
     network = build_network(recipe)
     network.load_state_dict(torch.load(out_dir / "best.pt", weights_only=True))
@@ -548,6 +553,11 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
     )
     if recipe.bias_max != DEFAULT_BIAS_MAX:
         data += f" Bias fields up to a log-amplitude of {recipe.bias_max:g} (default {DEFAULT_BIAS_MAX:g})."
+    if recipe.csf_variation_max > 0:
+        data += (
+            " The synthetic CSF rim's thickness varies around the brain (a smooth field, control "
+            f"points of standard deviation up to {recipe.csf_variation_max:g} mm; 0.5-{CSF_BORDER_MM:g} mm)."
+        )
     return {
         "id": recipe.model_id,
         "version": version,

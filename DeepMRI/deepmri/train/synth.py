@@ -78,6 +78,8 @@ class GeneratorParameters:
     ]  # air crop of the field of view: z-low, z-high, y-low, y-high, x-low, x-high
     mask_margin_voxels: int  # tissue: brain mask eroded (<0) or dilated (>0) to mimic extraction
     extras: dict[str, Any] = field(default_factory=dict)
+    # How much the CSF rim's thickness varies around the brain (mm, a smooth field; 0: even).
+    csf_variation_mm: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,11 +91,14 @@ def sample_parameters(
     sources: dict[str, LabelSource],
     spacing: float,
     bias_max: float = DEFAULT_BIAS_MAX,
+    csf_variation_max: float = 0.0,
 ) -> GeneratorParameters:
     """Draw one image's parameters; the only place with randomness besides seeded noise fields.
 
     `bias_max` bounds the bias field's log-amplitude (per-image strength drawn from [0, bias_max]);
     a wider range changes no other draw, so the same seed keeps its anatomy, pose and contrast.
+    `csf_variation_max` (mm) bounds how much the synthetic CSF rim's thickness varies around the
+    brain (`_add_shells`); it is drawn from a generator of its own, so it too changes no other draw.
     """
     rng = np.random.default_rng(seed)
     if task == BRAIN_EXTRACTION:
@@ -146,7 +151,15 @@ def sample_parameters(
         invert=bool(rng.random() < 0.25),
         crop_mm=crop,
         mask_margin_voxels=int(rng.choice([-2, -1, 0, 0, 0, 1, 2])),
+        csf_variation_mm=_draw_csf_variation(seed, csf_variation_max),
     )
+
+
+def _draw_csf_variation(seed: int, largest: float) -> float:
+    """The image's CSF-rim variation in [0, largest] mm, from a generator of its own."""
+    if largest <= 0:
+        return 0.0
+    return float(np.random.default_rng([seed, 2]).uniform(0.0, largest))
 
 
 def draw_shells(rng: np.random.Generator) -> list[float]:
@@ -298,17 +311,25 @@ def _add_shells(labels, distance, params, grid, rng) -> np.ndarray:
     """Label voxels outside the brain by their (wobbled) distance: CSF rim, skull, scalp, fat.
 
     The CSF rim becomes OUTER_CSF, at most CSF_BORDER_MM thick: inside the default mask, as the CSF
-    near the pydeface head's brain is (the MNI template's own mask is nearly tight).
+    near the pydeface head's brain is (the MNI template's own mask is nearly tight). The wobble
+    moves every boundary together; with `csf_variation_mm` the rim's own thickness also varies
+    around the brain (0.5 mm to CSF_BORDER_MM), as real fluid is thin over the convexity and wide
+    in the posterior fossa, so a network cannot learn the rim as a band of one width. Its field
+    comes from a generator of its own: the image's other noise stays what the seed gives.
     """
     wobble = _smooth_noise(labels.shape, params.shell_wobble_mm, rng)
     distance = distance + wobble
     output = labels.copy()
     outside = labels == 0
-    edge = 0.0
+    edge: float | np.ndarray = 0.0
     for index, thickness in enumerate(params.shells_mm[: len(SHELL_NAMES)]):
+        if index == 0 and params.csf_variation_mm > 0:
+            own = np.random.default_rng([params.seed, 3])
+            varied = thickness + _smooth_noise(labels.shape, params.csf_variation_mm, own)
+            thickness = np.clip(varied, 0.5, CSF_BORDER_MM)
         shell = outside & (distance > edge) & (distance <= edge + thickness)
         output[shell] = OUTER_CSF if index == 0 else SHELL_FIRST + index
-        edge += thickness
+        edge = edge + thickness
     return output
 
 
