@@ -1,6 +1,11 @@
-"""PNG previews: three orthogonal slices of a volume with labels overlaid in their card colours.
+"""PNG previews: orthogonal slices of a volume with labels overlaid in their card colours.
 
-Used by the CLI demo and batch so a result can be checked at a glance without a viewer.
+Used by the CLI demo and batch so a result can be checked at a glance without a viewer. The
+slices go through the centre of the labelled structure (of the volume without labels): axial,
+coronal, the mid-sagittal and a parasagittal slice PARASAGITTAL_MM to the right. The exact
+midline is the interhemispheric fissure, mostly CSF, where tissue labels look wrong to anyone
+expecting cortex; the parasagittal slice shows the cortical ribbon and the mid-sagittal the
+brainstem and cerebellum a brain mask must hold.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ import SimpleITK as sitk
 
 from deepmri.geometry import reorient, resample_to_spacing
 
+PARASAGITTAL_MM = 12.0
 
-def _to_display_grid(image: sitk.Image, interpolator: int) -> np.ndarray:
-    """Radiological display: RAS-oriented, 1 mm isotropic, so slices are not squashed."""
+
+def _to_display_grid(image: sitk.Image, interpolator: int) -> tuple[np.ndarray, float]:
+    """Radiological display: RAS-oriented, isotropic (1 mm or finer), so slices are not squashed;
+    the array and its voxel size in mm."""
     oriented = reorient(image, "RAS")
     spacing = min(min(oriented.GetSpacing()), 1.0)
-    return sitk.GetArrayFromImage(resample_to_spacing(oriented, [spacing] * 3, interpolator))
+    resampled = resample_to_spacing(oriented, [spacing] * 3, interpolator)
+    return sitk.GetArrayFromImage(resampled), spacing
 
 
 def _grey(values: np.ndarray) -> np.ndarray:
@@ -28,13 +37,21 @@ def _grey(values: np.ndarray) -> np.ndarray:
     return np.repeat(scaled[..., None], 3, axis=-1)
 
 
-def _three_views(volume: np.ndarray) -> list[np.ndarray]:
-    """Axial, coronal, sagittal central slices, flipped so superior/anterior are up."""
-    k, j, i = (size // 2 for size in volume.shape)
+def _centre(labels: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
+    """(k, j, i) of the labelled voxels' centre, or of the volume where there are none."""
+    if labels is None or not labels.any():
+        return tuple(size // 2 for size in shape)
+    return tuple(int(round(float(c))) for c in np.argwhere(labels > 0).mean(axis=0))
+
+
+def _views(volume: np.ndarray, centre: Sequence[int], right_voxels: int) -> list[np.ndarray]:
+    """Axial, coronal, mid-sagittal and parasagittal (`right_voxels` to the patient's right)
+    slices through `centre`, flipped so superior/anterior are up."""
+    k, j, i = centre
+    parasagittal = int(np.clip(i + right_voxels, 0, volume.shape[2] - 1))  # x runs to the right
     axial = volume[k][::-1, ::-1]  # rows: anterior at top; columns: patient right on the left
     coronal = volume[:, j][::-1, ::-1]
-    sagittal = volume[:, :, i][::-1]
-    return [axial, coronal, sagittal]
+    return [axial, coronal, volume[:, :, i][::-1], volume[:, :, parasagittal][::-1]]
 
 
 def overlay_png(
@@ -44,13 +61,17 @@ def overlay_png(
     label_info: Sequence[dict[str, Any]] = (),
     opacity: float = 0.45,
 ) -> str:
-    """Write a PNG of three orthogonal slices of `image`, with `labels` blended in their colours."""
-    volume = _to_display_grid(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkLinear)
-    grey_views = [_grey(view) for view in _three_views(volume)]
+    """Write a PNG of four slices of `image` (module docstring), `labels` blended in colour."""
+    volume, spacing = _to_display_grid(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkLinear)
+    label_volume = None
     if labels is not None:
-        label_volume = _to_display_grid(labels, sitk.sitkNearestNeighbor)
+        label_volume, _ = _to_display_grid(labels, sitk.sitkNearestNeighbor)
+    centre = _centre(label_volume, volume.shape)
+    right = int(round(PARASAGITTAL_MM / spacing))
+    grey_views = [_grey(view) for view in _views(volume, centre, right)]
+    if label_volume is not None:
         colours = {int(info["value"]): np.asarray(info["color"], float) for info in label_info}
-        for view, label_view in zip(grey_views, _three_views(label_volume), strict=True):
+        for view, label_view in zip(grey_views, _views(label_volume, centre, right), strict=True):
             for value, colour in colours.items():
                 selected = label_view == value
                 view[selected] = (1 - opacity) * view[selected] + opacity * colour
