@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     segment.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     segment.add_argument("--workers", type=int, default=1, help="data generation processes")
+    segment.add_argument(
+        "--device", default="cpu", help="where the network steps: cpu (default) or cuda"
+    )
     segment.add_argument("--cache", type=Path, default=None, help="label-map cache (OUT/cache)")
     segment.add_argument(
         "--export", type=Path, default=None, help="write card.json + weights here when done"
@@ -111,6 +114,7 @@ def _segment(arguments: argparse.Namespace) -> int:
             threads=arguments.threads,
             workers=arguments.workers,
             command=command,
+            device=arguments.device,
             recipe_overrides=_recipe_overrides(arguments),
         )
         print(f"trained {state['iteration']} iterations; best validation Dice {state['best']:.4f}")

@@ -192,12 +192,14 @@ def validation_scores(
 def validate(
     network: torch.nn.Module, pairs, classes: int, model_id: str = BRAIN_TISSUE
 ) -> list[float]:
-    """Mean validation scores (see validation_scores) over the fixed validation pairs."""
+    """Mean validation scores (see validation_scores) over the fixed validation pairs, on the
+    device the network is on (the pairs stay on the CPU)."""
     network.eval()
+    device = next(network.parameters()).device
     scores = []
     with torch.no_grad():
         for image, target in pairs:
-            prediction = network(image[None]).argmax(1)
+            prediction = network(image[None].to(device)).argmax(1).cpu()
             scores.append(validation_scores(prediction[0], target[0], model_id, classes))
     network.train()
     return np.mean(np.asarray(scores), axis=0).round(4).tolist()
@@ -227,7 +229,7 @@ def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, An
         prior["commands"] = [training["command"]] if training.get("command") else []
     else:
         path = source / "checkpoint.pt" if source.is_dir() else source
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location="cpu")
         weights = saved.get("network", saved)
         state = saved.get("state") if isinstance(saved.get("state"), dict) else None
         if state is not None:
@@ -249,7 +251,7 @@ def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, An
 def _training_behind_best(checkpoint: Path) -> dict[str, Any]:
     """Iterations and minutes behind a run's best.pt (bare weights): the run's own prior plus its
     training up to the best iteration, read from the checkpoint beside it."""
-    state = torch.load(checkpoint, weights_only=True)["state"]
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state"]
     prior = state.get("prior") or {}
     best = int(state.get("best_iteration") or state["iteration"])
     minutes = next(
@@ -310,10 +312,14 @@ def train(
     recipe_overrides: dict[str, Any] | None = None,
     workers: int = 1,
     command: str | None = None,
+    device: str = "cpu",
     progress: ProgressCallback = no_progress,
     cancel: CancelLike | None = None,
 ) -> dict[str, Any]:
     """Train `model_id` for `max_iterations` (and at most `minutes` of wall time), keeping the best.
+
+    `device` ("cpu", "cuda") is where the network steps; the synthetic images are made by
+    `workers` CPU processes either way, so on a GPU the workers set the pace.
 
     The learning rate follows a polynomial decay over the run's iterations (after `warmup` linear
     iterations) and validation happens every `validation_every` iterations and at the end, so the
@@ -358,7 +364,7 @@ def train(
     checkpoint_path = out_dir / "checkpoint.pt"
     saved = None
     if resume and checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, weights_only=True)
+        saved = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
         network.load_state_dict(saved["network"])
         state = saved["state"]
         # A fully convolutional network continues on a new patch size; the card records the last,
@@ -371,9 +377,10 @@ def train(
     elif init_from is not None:
         state["prior"] = load_initial_weights(network, Path(init_from))
         print(f"initialised from {state['prior']}", flush=True)
+    network.to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
     if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(saved["optimizer"])  # moves its moments to the network's device
     state["commands"].append(command or shlex.join(sys.argv))
     state["validation_size"] = validation_size
     if max_iterations is not None:
@@ -387,7 +394,11 @@ def train(
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     stream = SyntheticStream(recipe, sources, seed, state["iteration"])
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=1, num_workers=workers, prefetch_factor=2 if workers else None
+        stream,
+        batch_size=1,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        pin_memory=torch.device(device).type == "cuda",
     )
     started, session_start = time.time(), state["elapsed"]
     first_iteration = state["iteration"]
@@ -409,7 +420,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             output = network(image)
         loss = loss_function(output.float(), target)
         loss.backward()
@@ -478,7 +490,7 @@ def _save_checkpoint(path: Path, network, optimizer, state) -> None:
 def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, Any]:
     """Write the best weights (fp16 safetensors) and card.json of a finished run into `model_dir`."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
-    saved = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    saved = torch.load(out_dir / "checkpoint.pt", weights_only=True, map_location="cpu")
     state = saved["state"]
     recipe = RECIPES[state["model_id"]]
     recipe = replace(
@@ -492,7 +504,7 @@ def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, 
         csf_variation_max=state["recipe"].get("csf_variation_max", 0.0),
     )
     network = build_network(recipe)
-    network.load_state_dict(torch.load(out_dir / "best.pt", weights_only=True))
+    network.load_state_dict(torch.load(out_dir / "best.pt", weights_only=True, map_location="cpu"))
     try:
         from deepmri.models import save_model
     except ImportError:  # the model store is optional for training
