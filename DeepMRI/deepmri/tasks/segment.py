@@ -184,8 +184,8 @@ def segment(
     `tight_labels`; other models raise ModelError before any work. `csf_border_mm` replaces the
     card's `csf_border_mm` for this run: how far the CSF around the brain may reach beyond the
     tight brain (0 keeps only the CSF enclosed by it), the one convention a user may want to move
-    (SynthStrip's `-b`). `skull_stripped=True` takes
-    the input's non-zero voxels as the brain where the model would extract it first.
+    (SynthStrip's `-b`); the tight mask ignores it. `skull_stripped=True` takes the input's
+    non-zero voxels as the brain where the model would extract it first.
 
     Examples:
         >>> from deepmri.data import load_mni152
