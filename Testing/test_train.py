@@ -330,3 +330,18 @@ def test_export_keeps_metrics_only_for_the_same_weights(tmp_path):
     changed = export(tmp_path / "run", tmp_path / "model")
     assert changed["weights"]["sha256"] != card["weights"]["sha256"]
     assert json.loads(card_path.read_text())["metrics"] == []
+
+
+def test_the_train_command_passes_the_generator_settings_and_device():
+    from deepmri.cli import build_parser
+    from deepmri.cli.train import _recipe_overrides
+
+    parser = build_parser()
+    plain = parser.parse_args(["train", "segment", "--model", "brain-extraction", "--out", "r"])
+    assert _recipe_overrides(plain) is None and plain.device == "cpu"
+    given = parser.parse_args(
+        ["train", "segment", "--model", "brain-extraction", "--out", "r", "--bias-max", "0.8",
+         "--csf-variation", "2.5", "--device", "cuda"]
+    )  # fmt: skip
+    assert _recipe_overrides(given) == {"bias_max": 0.8, "csf_variation_max": 2.5}
+    assert given.device == "cuda"
