@@ -129,8 +129,9 @@ class DeepMRISegmentationWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObs
         if parameters:
             self.showModel(parameters.model)
             model = self._models.get(parameters.model, {})
-            both = self.ui.includeCsfCheckBox.enabled = bool(model.get("tight_mask"))
-            self.ui.csfBorderSpinBox.enabled = both and parameters.includeCsf
+            both_conventions = bool(model.get("tight_mask"))
+            self.ui.includeCsfCheckBox.enabled = both_conventions
+            self.ui.csfBorderSpinBox.enabled = both_conventions and parameters.includeCsf
             self.ui.csfBorderSpinBox.specialValueText = _("model default ({border})").format(
                 border=border_text(model)
             )
