@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from deepmri.tasks.segment import segment  # noqa: E402
+from deepmri.train.labels import ranked_kmeans  # noqa: E402
 from eval_segmentation import _peers, array, coverage, dice, leak_ml  # noqa: E402
 
 
@@ -65,19 +66,14 @@ def intensity_classes(image: sitk.Image, reference: np.ndarray) -> np.ndarray:
     cerebellum) is removed first by N4 on a 4x shrunk grid; then 3 k-means classes of the
     intensity inside the mask: CSF, grey and white matter as a T1 shows them.
     """
-    from sklearn.cluster import KMeans
-
     volume = sitk.Cast(image, sitk.sitkFloat32)
     head = sitk.OtsuThreshold(volume, 0, 1, 200)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations([50] * 4)
     corrector.Execute(sitk.Shrink(volume, [4] * 3), sitk.Shrink(head, [4] * 3))
     corrected = array(volume / sitk.Exp(corrector.GetLogBiasFieldAsImage(volume)))
-    values = corrected[reference][:, None]
-    kmeans = KMeans(3, n_init=3, random_state=0).fit(values[::7])
-    rank = np.argsort(np.argsort(kmeans.cluster_centers_[:, 0]))
     classes = np.zeros(reference.shape, np.uint8)
-    classes[reference] = rank[kmeans.predict(values)] + 1
+    classes[reference] = ranked_kmeans(corrected[reference], 3, np.random.default_rng(0)) + 1
     return classes
 
 

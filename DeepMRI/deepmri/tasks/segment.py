@@ -409,7 +409,8 @@ def postprocess_labels(
     steps = list(card.get("postprocessing", []))
     if csf_border_mm is not None:
         card = {**card, "csf_border_mm": float(csf_border_mm)}
-        steps = [step for step in steps if step != "csf_border"] + ["csf_border"]
+        if "csf_border" not in steps:
+            steps.append("csf_border")
     if not steps:
         return class_index
     foreground = class_index > 0

@@ -125,6 +125,24 @@ def _padded(image: sitk.Image) -> sitk.Image:
     return sitk.ConstantPad(image, pad, pad, 0)
 
 
+def ranked_kmeans(
+    values: np.ndarray, count: int, rng: np.random.Generator, seed: int = 0
+) -> np.ndarray:
+    """Each value's class 0..count-1 by k-means on intensity, ranked dark to bright.
+
+    The fit uses at most 200,000 values drawn with `rng`; every value is then assigned. On a T1
+    brain three classes stand for CSF < grey < white matter.
+    """
+    from sklearn.cluster import KMeans
+
+    sample = rng.choice(len(values), min(len(values), 200_000), False)
+    kmeans = KMeans(n_clusters=count, n_init=4, random_state=seed).fit(values[sample, None])
+    order = np.argsort(kmeans.cluster_centers_[:, 0])
+    rank = np.empty_like(order)
+    rank[order] = np.arange(count)
+    return rank[kmeans.predict(values[:, None])]
+
+
 def head_source(
     head: sitk.Image, brain_mask: sitk.Image, clusters: int = HEAD_CLUSTERS, seed: int = 0
 ) -> LabelSource:
@@ -136,30 +154,21 @@ def head_source(
     holes filled) is split into `clusters` intensity classes so the generator can re-contrast real
     scalp, skull, face, eyes and neck.
     """
-    from sklearn.cluster import KMeans
-
     head = reorient(sitk.Cast(head, sitk.sitkFloat32), ORIENTATION)
     mask = sitk.Resample(brain_mask, head, sitk.Transform(), sitk.sitkNearestNeighbor)
     inside = sitk.GetArrayFromImage(mask) > 0
     image = sitk.GetArrayFromImage(head).astype(np.float32)
     rng = np.random.default_rng(seed)
-
-    def ranked_kmeans(values: np.ndarray, count: int) -> np.ndarray:
-        sample = rng.choice(len(values), min(len(values), 200_000), False)
-        kmeans = KMeans(n_clusters=count, n_init=4, random_state=seed).fit(values[sample, None])
-        order = np.argsort(kmeans.cluster_centers_[:, 0])
-        rank = np.empty_like(order)
-        rank[order] = np.arange(count)
-        return rank[kmeans.predict(values[:, None])]
-
     brain_array = np.zeros(image.shape, dtype=np.uint8)
-    brain_array[inside] = CSF + ranked_kmeans(image[inside], 3)  # T1: CSF < grey < white
+    brain_array[inside] = CSF + ranked_kmeans(image[inside], 3, rng, seed)  # CSF < grey < white
     brain_array = split_outer_csf(brain_array, head.GetSpacing())
     foreground = sitk.BinaryFillhole(sitk.OtsuThreshold(head, 0, 1))
     foreground = sitk.BinaryMorphologicalClosing(foreground, [3, 3, 3])
     outside_brain = (sitk.GetArrayFromImage(foreground) > 0) & ~inside
     labels = brain_array.copy()
-    labels[outside_brain] = HEAD_CLUSTERS_FIRST + ranked_kmeans(image[outside_brain], clusters)
+    labels[outside_brain] = HEAD_CLUSTERS_FIRST + ranked_kmeans(
+        image[outside_brain], clusters, rng, seed
+    )
     return LabelSource(
         name="head",
         grid=head,

@@ -378,6 +378,7 @@ def train(
         state["prior"] = load_initial_weights(network, Path(init_from))
         print(f"initialised from {state['prior']}", flush=True)
     network.to(device)
+    device_type = torch.device(device).type  # "cpu" or "cuda": autocast and pinned batches
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])  # moves its moments to the network's device
@@ -398,7 +399,7 @@ def train(
         batch_size=1,
         num_workers=workers,
         prefetch_factor=2 if workers else None,
-        pin_memory=torch.device(device).type == "cuda",
+        pin_memory=device_type == "cuda",
     )
     started, session_start = time.time(), state["elapsed"]
     first_iteration = state["iteration"]
@@ -421,7 +422,7 @@ def train(
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             output = network(image)
         loss = loss_function(output.float(), target)
         loss.backward()
