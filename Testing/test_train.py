@@ -6,6 +6,8 @@ Fast by design (tiny grids, two iterations); the head registration and real runs
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -24,7 +26,10 @@ from deepmri.train.labels import (  # noqa: E402
     OUTER_CSF,
     SHELL_FIRST,
     WHITE,
+    TrainingDataError,
+    load_sources,
     mni_source,
+    save_sources,
     split_outer_csf,
 )
 from deepmri.train.synth import (  # noqa: E402
@@ -33,6 +38,7 @@ from deepmri.train.synth import (  # noqa: E402
     GeneratorParameters,
     GridSpec,
     _add_shells,
+    euler_matrix,
     generate,
     sample_parameters,
 )
@@ -345,3 +351,89 @@ def test_the_train_command_passes_the_generator_settings_and_device():
     )  # fmt: skip
     assert _recipe_overrides(given) == {"bias_max": 0.8, "csf_variation_max": 2.5}
     assert given.device == "cuda"
+
+
+def test_the_generator_rotates_as_simpleitk_euler3d_does():
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    for angles in rng.uniform(-np.pi, np.pi, (20, 3)):
+        transform = sitk.Euler3DTransform()
+        transform.SetRotation(*angles)
+        expected = np.asarray(transform.GetMatrix()).reshape(3, 3)
+        assert np.allclose(euler_matrix(*angles), expected, atol=1e-12)
+
+
+def test_a_sources_file_gives_back_the_same_label_maps(sources, tmp_path):
+    loaded = load_sources(save_sources(sources, tmp_path / "sources"))
+    original, again = sources["mni"], loaded["mni"]
+    assert set(loaded) == {"mni"} and again.spacing == original.spacing
+    for name in ("labels", "tissue", "image", "distance"):
+        first, second = getattr(original, name), getattr(again, name)
+        assert first.dtype == second.dtype and np.array_equal(first, second), name
+    assert again.grid.GetOrigin() == original.grid.GetOrigin()
+    assert again.grid.GetDirection() == original.grid.GetDirection()
+    assert again.grid.GetSize() == original.grid.GetSize()
+
+
+def test_a_sources_file_from_other_label_code_or_for_another_model_is_refused(sources, tmp_path):
+    from deepmri.errors import DeepMRIError
+    from deepmri.train.segment import load_sources_for
+
+    path = save_sources(sources, tmp_path / "sources.npz")
+    with pytest.raises(DeepMRIError, match=r"brain-extraction trains from \['head', 'mni'\]"):
+        load_sources_for("brain-extraction", path)
+    with np.load(path) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    arrays["label_code"] = np.asarray("0" * 16)
+    with (tmp_path / "old.npz").open("wb") as stream:
+        np.savez_compressed(stream, **arrays)
+    with pytest.raises(TrainingDataError, match="other label code"):
+        load_sources(tmp_path / "old.npz")
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(TrainingDataError, match="Cannot read"):
+        load_sources(tmp_path / "broken.npz")
+
+
+# Run in a child process where SimpleITK, nilearn and nibabel cannot be imported, as on the lent
+# GPU machine (which has PyTorch, NumPy and SciPy but none of these).
+WITHOUT_SIMPLEITK = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("SimpleITK", "nilearn", "nibabel"):
+            raise ModuleNotFoundError(f"No module named {name!r} (absent in this test)")
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_training_from_a_sources_file_needs_no_simpleitk_and_trains_the_same(sources, tmp_path):
+    path = save_sources(sources, tmp_path / "sources.npz")
+    script = (
+        WITHOUT_SIMPLEITK
+        + f"""
+from pathlib import Path
+from deepmri.cli import main
+from deepmri.train.segment import train
+
+state = train("brain-tissue", Path({str(tmp_path / "file")!r}), seed=4, threads=1, workers=0,
+              validation_size=1, max_iterations=2, recipe_overrides={TINY!r},
+              sources_file=Path({str(path)!r}), command="test")
+assert state["iteration"] == 2
+try:
+    main(["train", "segment", "--help"])
+except SystemExit as done:
+    assert done.code == 0
+assert "SimpleITK" not in sys.modules
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--sources FILE" in result.stdout
+    _tiny_run(tmp_path / "built", max_iterations=2)  # the same run from label maps built here
+    weights = [
+        torch.load(tmp_path / run / "best.pt", weights_only=True) for run in ("file", "built")
+    ]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])

@@ -66,14 +66,3 @@ def same_geometry(first: sitk.Image, second: sitk.Image, tolerance: float = 1e-6
         and np.allclose(first.GetOrigin(), second.GetOrigin(), atol=tolerance)
         and np.allclose(first.GetDirection(), second.GetDirection(), atol=tolerance)
     )
-
-
-def distance_outside_mm(inside: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Distance in mm from every voxel to the nearest voxel of `inside` (0 on it).
-
-    `inside` is a (z, y, x) array and `spacing` the (x, y, z) voxel size SimpleITK gives: the
-    one definition of "mm from the brain" that training labels and inference share.
-    """
-    from scipy import ndimage
-
-    return ndimage.distance_transform_edt(~inside, sampling=tuple(spacing)[::-1])

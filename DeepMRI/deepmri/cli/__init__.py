@@ -16,15 +16,19 @@ from deepmri.errors import Cancelled, DeepMRIError
 
 # "tasks" adds one sub-command per registered task (segment, segment-classical, ...).
 COMMAND_MODULES = ("demo", "models", "batch", "train", "tasks")
+# `deepmri train ...` builds its own parser alone: training from a sources file then needs no
+# SimpleITK (which the task commands import), so it runs on a machine without it (a GPU machine).
+STANDALONE_COMMANDS = ("train",)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or only the `only` command's module (one of STANDALONE_COMMANDS)."""
     parser = argparse.ArgumentParser(
         prog="deepmri", description="Deep learning for MRI: the headless front door of DeepMRI."
     )
     parser.add_argument("--version", action="version", version=f"deepmri {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in (only,) if only else COMMAND_MODULES:
         try:
             module = importlib.import_module(f"deepmri.cli.{name}")
         except ModuleNotFoundError as error:
@@ -36,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in STANDALONE_COMMANDS else None)
     arguments = parser.parse_args(argv)
     if not getattr(arguments, "handler", None):
         parser.print_help()

@@ -1,6 +1,7 @@
-"""`deepmri train segment|synthesize|superresolve`: train the shipped models.
+"""`deepmri train segment|sources|synthesize|superresolve`: train the shipped models.
 
-`segment` runs the recipe in deepmri.train.segment, `synthesize` the pix2pix recipe in
+`segment` runs the recipe in deepmri.train.segment (`sources` writes its label maps to one file
+for a machine that cannot build them, such as a lent GPU machine), `synthesize` the pix2pix recipe in
 deepmri.train.synthesize (simulated pairs, or a site's own with --source-dir/--target-dir;
 --unpaired: CycleGAN in deepmri.train.synthesize_unpaired),
 `superresolve` the thick-to-thin recipe in deepmri.train.superresolve (MNI152 and the pydeface
@@ -74,12 +75,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     segment.add_argument("--cache", type=Path, default=None, help="label-map cache (OUT/cache)")
     segment.add_argument(
+        "--sources",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="train from a `deepmri train sources` file instead of building the label maps "
+        "(no SimpleITK, nilearn or download needed: a GPU machine)",
+    )
+    segment.add_argument(
         "--export", type=Path, default=None, help="write card.json + weights here when done"
     )
     segment.add_argument(
         "--export-only", action="store_true", help="only export OUT's best weights to --export"
     )
     segment.set_defaults(handler=_segment)
+    sources = tasks.add_parser(
+        "sources", help="write a segmentation recipe's label maps to one file (for another machine)"
+    )
+    sources.add_argument("--model", required=True, choices=["brain-extraction", "brain-tissue"])
+    sources.add_argument("--out", required=True, type=Path, help="the .npz file to write")
+    sources.add_argument("--cache", type=Path, default=Path("runs/cache"), help="label-map cache")
+    sources.set_defaults(handler=_sources)
     _add_synthesize(tasks)
     _add_superresolve(tasks)
     parser.set_defaults(handler=lambda arguments: parser.print_help() or 1)
@@ -104,6 +120,7 @@ def _segment(arguments: argparse.Namespace) -> int:
             arguments.seed,
             resume=arguments.resume,
             cache_dir=arguments.cache,
+            sources_file=arguments.sources,
             max_iterations=arguments.iterations,
             init_from=arguments.init_from,
             learning_rate=arguments.lr,
@@ -121,6 +138,14 @@ def _segment(arguments: argparse.Namespace) -> int:
     if arguments.export:
         card = export(arguments.out, arguments.export)
         print(f"exported {card['id']} to {arguments.export} ({card['weights']['size']} bytes)")
+    return 0
+
+
+def _sources(arguments: argparse.Namespace) -> int:
+    from deepmri.train.labels import build_sources, save_sources
+
+    path = save_sources(build_sources(arguments.cache, arguments.model), arguments.out)
+    print(f"wrote the {arguments.model} label maps to {path} ({path.stat().st_size >> 20} MB)")
     return 0
 
 

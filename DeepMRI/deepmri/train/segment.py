@@ -27,7 +27,14 @@ from safetensors.torch import save_file
 
 from deepmri.errors import DeepMRIError
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
-from deepmri.train.labels import CSF_BORDER_MM, ORIENTATION, LabelSource, build_sources
+from deepmri.train.labels import (
+    CSF_BORDER_MM,
+    ORIENTATION,
+    SOURCE_NAMES,
+    LabelSource,
+    build_sources,
+    load_sources,
+)
 from deepmri.train.synth import (
     BRAIN_EXTRACTION,
     BRAIN_TISSUE,
@@ -205,6 +212,18 @@ def validate(
     return np.mean(np.asarray(scores), axis=0).round(4).tolist()
 
 
+def load_sources_for(model_id: str, path: Path) -> dict[str, LabelSource]:
+    """The label sources in `path`, refused when they are not the ones `model_id` trains from."""
+    sources = load_sources(path)
+    expected = set(SOURCE_NAMES[model_id])
+    if set(sources) != expected:
+        raise DeepMRIError(
+            f"{path} holds the label maps {sorted(sources)}; {model_id} trains from "
+            f"{sorted(expected)}: write it with `deepmri train sources --model {model_id}`."
+        )
+    return sources
+
+
 def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, Any]:
     """Warm start from a model folder (card.json + weights.safetensors), a checkpoint.pt or best.pt.
 
@@ -300,6 +319,7 @@ def train(
     *,
     resume: bool = False,
     cache_dir: Path | None = None,
+    sources_file: Path | None = None,
     max_iterations: int | None = None,
     init_from: Path | None = None,
     threads: int = 1,
@@ -319,7 +339,9 @@ def train(
     """Train `model_id` for `max_iterations` (and at most `minutes` of wall time), keeping the best.
 
     `device` ("cpu", "cuda") is where the network steps; the synthetic images are made by
-    `workers` CPU processes either way, so on a GPU the workers set the pace.
+    `workers` CPU processes either way, so on a GPU the workers set the pace. `sources_file` (a
+    `deepmri.train.labels.save_sources` file) replaces building the label maps, which needs
+    SimpleITK, nilearn and the pydeface wheel: the file trains on a machine with none of them.
 
     The learning rate follows a polynomial decay over the run's iterations (after `warmup` linear
     iterations) and validation happens every `validation_every` iterations and at the end, so the
@@ -339,8 +361,12 @@ def train(
     cache_dir = Path(cache_dir or out_dir / "cache")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    progress(0.0, "Building label maps")
-    sources = build_sources(cache_dir, model_id, progress)
+    if sources_file is not None:
+        progress(0.0, f"Reading label maps from {sources_file}")
+        sources = load_sources_for(model_id, Path(sources_file))
+    else:
+        progress(0.0, "Building label maps")
+        sources = build_sources(cache_dir, model_id, progress)
     grid = GridSpec(recipe.shape, recipe.spacing)
     validation = [
         make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)

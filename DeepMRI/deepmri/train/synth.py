@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
@@ -347,7 +346,7 @@ def _sampling_grid(params, source: LabelSource, grid: GridSpec, rng) -> torch.Te
     coordinates stay within 0.001 mm of the float64 ones.
     """
     shape = tuple(int(n) for n in grid.shape)
-    source_spacing = np.asarray(source.grid.GetSpacing())[::-1]  # (z, y, x)
+    source_spacing = np.asarray(source.spacing)[::-1]  # (z, y, x)
     source_shape = np.asarray(source.labels.shape)
     centre = _brain_centre_mm(source) + np.asarray(params.translation_mm)
     axes = [(torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * grid.spacing for n in shape]
@@ -388,16 +387,29 @@ def _brain_centre_mm(source: LabelSource) -> np.ndarray:
     def compute() -> np.ndarray:
         index = np.argwhere(np.isin(source.labels, BRAIN_LABELS))
         centre = (index.min(0) + index.max(0)) / 2.0
-        return centre * np.asarray(source.grid.GetSpacing())[::-1]
+        return centre * np.asarray(source.spacing)[::-1]
 
     return _cached(source, "centre", compute)
 
 
+def euler_matrix(angle_x: float, angle_y: float, angle_z: float) -> np.ndarray:
+    """The rotation SimpleITK's Euler3DTransform makes of these angles (radians): Rz @ Rx @ Ry.
+
+    Written out so the generator needs no SimpleITK (the GPU machine has none); a test holds it
+    to SimpleITK's matrix.
+    """
+    cx, sx = np.cos(angle_x), np.sin(angle_x)
+    cy, sy = np.cos(angle_y), np.sin(angle_y)
+    cz, sz = np.cos(angle_z), np.sin(angle_z)
+    rotate_x = np.array([[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]])
+    rotate_y = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
+    rotate_z = np.array([[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]])
+    return rotate_z @ rotate_x @ rotate_y
+
+
 def _affine_matrix(params: GeneratorParameters) -> np.ndarray:
     """Rotation x shear x scaling acting on (z, y, x) millimetre offsets from the brain centre."""
-    rotation = sitk.Euler3DTransform()
-    rotation.SetRotation(*np.deg2rad(params.rotation_deg))
-    matrix = np.asarray(rotation.GetMatrix()).reshape(3, 3)
+    matrix = euler_matrix(*np.deg2rad(params.rotation_deg))
     shear = np.eye(3)
     shear[0, 1], shear[0, 2], shear[1, 2] = params.shear
     return matrix @ shear @ np.diag(params.scaling)
