@@ -111,6 +111,19 @@ def test_csf_variation_changes_no_other_draw(sources):
     assert varied == usual
 
 
+def test_a_share_of_whole_heads_from_the_mni152_head_changes_no_other_draw():
+    names = {"mni": None, "head": None, "mni152-head": None}
+    for seed in range(40):
+        usual = sample_parameters(seed, BRAIN_EXTRACTION, names, 2.0).to_dict()
+        assert (
+            sample_parameters(seed, BRAIN_EXTRACTION, names, 2.0, 0.5, 0.0, 0.0).to_dict() == usual
+        )
+        moved = sample_parameters(seed, BRAIN_EXTRACTION, names, 2.0, 0.5, 0.0, 1.0).to_dict()
+        expected = "mni152-head" if usual["source"] == "head" else usual["source"]
+        assert moved.pop("source") == expected
+        assert moved == {key: value for key, value in usual.items() if key != "source"}
+
+
 def _rim_widths(variation_mm: float) -> np.ndarray:
     """The CSF rim's width (mm) around a ball of radius 20 on a 1 mm grid: the farthest rim voxel
     from the ball in each of ~200 directions."""
@@ -381,7 +394,9 @@ def test_a_sources_file_from_other_label_code_or_for_another_model_is_refused(so
     from deepmri.train.segment import load_sources_for
 
     path = save_sources(sources, tmp_path / "sources.npz")
-    with pytest.raises(DeepMRIError, match=r"brain-extraction trains from \['head', 'mni'\]"):
+    with pytest.raises(
+        DeepMRIError, match=r"brain-extraction trains from \['head', 'mni', 'mni152-head'\]"
+    ):
         load_sources_for("brain-extraction", path)
     with np.load(path) as stored:
         arrays = {key: stored[key] for key in stored.files}
