@@ -10,6 +10,7 @@ DeepMRILib makes; run it in its own environment, because trame-slicer pins its o
 With `--planes`, one row per input (repeat --input/--labels; optional --reference masks drawn as
 a yellow outline): the mid-sagittal, coronal and axial slices through the brain's centre and the
 lowest axial slice of the reference that holds brain, where a cut-off lower edge shows.
+`--at R A S` puts the first three through that point (RAS mm) instead, to show one place.
 """
 
 from __future__ import annotations
@@ -100,8 +101,12 @@ def render_planes(
     output: Path,
     references: list[Path] | None = None,
     titles: list[str] | None = None,
+    at: list[float] | None = None,
 ) -> Path:
-    """Rows of four slice views (mid-sagittal, coronal, axial, lowest axial) per input."""
+    """Rows of four slice views (mid-sagittal, coronal, axial, lowest axial) per input.
+
+    `at` (RAS mm): the sagittal, coronal and axial views pass through that point instead.
+    """
     from DeepMRILib import mrml
     from make_task_screenshots import _captioned
 
@@ -151,8 +156,14 @@ def render_planes(
             ("sagittal", 0.0 if abs(centre[0]) < 10 else centre[0], f"{name}: mid-sagittal"),
             ("coronal", centre[1], f"{name}: coronal"),
             ("axial", centre[2], f"{name}: axial"),
-            ("axial", lowest + 1.0, f"{name}: lowest brain slice (z = {lowest:.0f} mm)"),
         ]
+        if at:
+            planes = [
+                ("sagittal", at[0], f"{name}: sagittal, R = {at[0]:.0f} mm"),
+                ("coronal", at[1], f"{name}: coronal, A = {at[1]:.0f} mm"),
+                ("axial", at[2], f"{name}: axial, S = {at[2]:.0f} mm"),
+            ]
+        planes.append(("axial", lowest + 1.0, f"{name}: lowest brain slice (z = {lowest:.0f} mm)"))
         captures = []
         for orientation, offset, title in planes:
             view = views[orientation]
@@ -181,6 +192,9 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, nargs="*", help="masks drawn as an outline")
     parser.add_argument("--titles", nargs="*", help="row captions")
     parser.add_argument(
+        "--at", type=float, nargs=3, metavar=("R", "A", "S"), help="slices through this point"
+    )
+    parser.add_argument(
         "--card", type=Path, required=True, help="card.json giving label names and colours"
     )
     parser.add_argument("-o", "--output", type=Path, required=True)
@@ -189,7 +203,7 @@ def main() -> None:
         print(
             render_planes(
                 arguments.input, arguments.labels, arguments.card, arguments.output,
-                arguments.reference, arguments.titles,
+                arguments.reference, arguments.titles, arguments.at,
             )
         )  # fmt: skip
         return

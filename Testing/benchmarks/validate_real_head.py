@@ -29,7 +29,9 @@ gives). It is an average of 152 adults, in the space of the MNI brain the models
 (ICBM 2009a, another average of the same population): it tests a real whole head's scalp,
 skull, face and neck and its mask's convention, not new brain anatomy. Its mask is generous
 (2.08 L; it holds the fluid below the cerebellum down to the field of view's edge), so here
-too coverage mostly measures CSF. ROBEX runs on it beside deepbet (`--peers`).
+too coverage mostly measures CSF. ROBEX runs on it beside deepbet (`--peers`). A run with
+`--mni152-head-share` above 0 trains on this head (with deepbet's label, not FSL's mask): for
+its weights this head is no longer held out, and ROBEX's head is the one to select on.
 
 The selection rule it serves (Docs/training.md, each written before its candidate was scored
 here): a brain-extraction candidate replaces the shipped model only if its synthetic validation

