@@ -708,15 +708,15 @@ def _sampling_grid(params: SubjectParameters, source: Any, grid: Grid):
     import torch
     import torch.nn.functional as F
 
+    from deepmri.train.synth import euler_matrix
+
     shape = np.asarray(grid.shape)
     source_spacing = np.asarray(source.grid.GetSpacing())[::-1]
     source_shape = np.asarray(source.tissue.shape[1:])
     centre = _brain_centre_index(source) * source_spacing
     axes = [(np.arange(n) - (n - 1) / 2) * grid.spacing for n in shape]
     points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    rotation = sitk.Euler3DTransform()
-    rotation.SetRotation(*np.deg2rad(params.rotation_deg))
-    matrix = np.asarray(rotation.GetMatrix()).reshape(3, 3) @ np.diag(params.scaling)
+    matrix = euler_matrix(*np.deg2rad(params.rotation_deg)) @ np.diag(params.scaling)
     moved = points @ matrix.T + centre + np.asarray(params.translation_mm)
     if params.deformation_mm > 0:
         warp_rng = np.random.default_rng([params.seed, 3])
