@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(1)
     network = ModelStore().get(arguments.model).load_network(device="cpu").eval()
     recipe = RECIPES["brain-extraction"]
-    sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None)
+    sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None, mni152_head=False)
     grid = GridSpec(recipe.shape, recipe.spacing)
     passes = sorted({flip for flips in FLIP_SETS.values() for flip in flips})
     scores: dict[str, list[list[float]]] = {name: [] for name in FLIP_SETS}

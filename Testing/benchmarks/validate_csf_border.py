@@ -120,7 +120,7 @@ def main() -> None:
     model = ModelStore().get(arguments.model)
     card = model.card.to_dict()
     recipe = RECIPES["brain-extraction"]
-    sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None)
+    sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None, mni152_head=False)
     without_border = card | {
         "postprocessing": [step for step in card["postprocessing"] if step != "csf_border"]
     }

@@ -298,9 +298,16 @@ SOURCE_NAMES = {"brain-extraction": ("mni", "head", "mni152-head"), "brain-tissu
 
 
 def build_sources(
-    cache_dir: Path, task: str, progress: ProgressCallback = no_progress
+    cache_dir: Path,
+    task: str,
+    progress: ProgressCallback = no_progress,
+    mni152_head: bool = True,
 ) -> dict[str, LabelSource]:
-    """All label sources for `task` (SOURCE_NAMES), making and caching the head's deepbet mask."""
+    """All label sources for `task` (SOURCE_NAMES), making and caching the heads' deepbet masks.
+
+    `mni152_head=False` leaves out FSL's MNI152 head, for a run that never draws from it (a
+    recipe whose `mni152_head_share` is 0): its reading and k-means need not delay the start.
+    """
     import SimpleITK as sitk
 
     sources = {"mni": mni_source()}
@@ -309,8 +316,9 @@ def build_sources(
         head = sitk.ReadImage(str(head_path), sitk.sitkFloat32)
         progress(0.05, "Brain label of the pydeface head (deepbet, cached)")
         sources["head"] = head_source(head, deepbet_head_mask(head_path, cache_dir))
-        progress(0.1, "Brain label of FSL's MNI152 whole head (deepbet, cached)")
-        sources["mni152-head"] = mni152_head_source(cache_dir)
+        if mni152_head:
+            progress(0.1, "Brain label of FSL's MNI152 whole head (deepbet, cached)")
+            sources["mni152-head"] = mni152_head_source(cache_dir)
     return sources
 
 

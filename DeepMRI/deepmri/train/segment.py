@@ -373,7 +373,9 @@ def train(
         sources = load_sources_for(model_id, Path(sources_file))
     else:
         progress(0.0, "Building label maps")
-        sources = build_sources(cache_dir, model_id, progress)
+        sources = build_sources(
+            cache_dir, model_id, progress, mni152_head=recipe.mni152_head_share > 0
+        )
     grid = GridSpec(recipe.shape, recipe.spacing)
     validation = [
         make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
