@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("nilearn")
 
 from deepmri.intensity import normalize_percentile  # noqa: E402
+from deepmri.masks import distance_outside_mm  # noqa: E402
 from deepmri.train.labels import (  # noqa: E402
     BRAIN_LABELS,
     CSF,
@@ -176,6 +177,22 @@ def test_shell_csf_rim_joins_the_default_mask_not_the_tight_brain(sources):
     _, without = generate(params, sources, SMALL)
     assert np.array_equal(with_rim == 1, without == 1)
     assert (with_rim == 2).sum() > 2 * (without == 2).sum()
+
+
+def test_shell_csf_is_labelled_only_up_to_the_csf_border_from_the_brain(sources):
+    # The shells start at the MNI mask's edge (1-2 mm outside the tight brain) and wobble: a
+    # 3 mm CSF shell reached 9-11 mm from the brain as label 2 before the label was capped.
+    params = _mni_only(sample_parameters(2, BRAIN_EXTRACTION, sources, SMALL.spacing))
+    params.shells_mm = [3.0, 2.0, 3.0, 2.0, 5.0, 3.0]
+    params.shell_wobble_mm = 2.5
+    params.crop_mm = [0.0] * 6
+    image, target = generate(params, sources, SMALL)
+    uncapped = {"mni": replace(sources["mni"], tight_distance=None)}
+    same_image, wider = generate(params, uncapped, SMALL)
+    assert np.array_equal(image, same_image)  # the fluid stays in the image; only its label stops
+    rim = distance_outside_mm(target == 1, (SMALL.spacing,) * 3)[target == 2]
+    assert rim.max() <= CSF_BORDER_MM + SMALL.spacing  # within a voxel of the border
+    assert (target == 2).sum() < 0.8 * (wider == 2).sum()
 
 
 def test_csf_around_the_brain_stops_at_the_border_and_the_rest_is_far_csf():
@@ -381,7 +398,7 @@ def test_a_sources_file_gives_back_the_same_label_maps(sources, tmp_path):
     loaded = load_sources(save_sources(sources, tmp_path / "sources"))
     original, again = sources["mni"], loaded["mni"]
     assert set(loaded) == {"mni"} and again.spacing == original.spacing
-    for name in ("labels", "tissue", "image", "distance"):
+    for name in ("labels", "tissue", "image", "distance", "tight_distance"):
         first, second = getattr(original, name), getattr(again, name)
         assert first.dtype == second.dtype and np.array_equal(first, second), name
     assert again.grid.GetOrigin() == original.grid.GetOrigin()

@@ -77,7 +77,9 @@ class LabelSource:
     image: the real T1 on the same grid (for mixing real images into training); distance: signed
     distance in mm to the brain surface (positive outside), used to draw random shells;
     spacing: the voxel size (x, y, z) in mm; grid: the SimpleITK image the arrays sit on (None
-    when read from a sources file on a machine without SimpleITK).
+    when read from a sources file on a machine without SimpleITK); tight_distance: distance in mm
+    outside the tight brain, where shells are drawn (the MNI brain), so the generator can stop the
+    shells' CSF label at CSF_BORDER_MM from the brain as `split_outer_csf` does for the mask's own.
     """
 
     name: str
@@ -87,6 +89,7 @@ class LabelSource:
     tissue: np.ndarray
     image: np.ndarray
     distance: np.ndarray
+    tight_distance: np.ndarray | None = None
 
 
 def fetch_pydeface_head(cache_dir: Path) -> Path:
@@ -163,7 +166,13 @@ def mni_source() -> LabelSource:
         tissue=np.stack([csf, grey, white]).astype(np.float32),
         image=sitk.GetArrayFromImage(t1).astype(np.float32),
         distance=distance_outside_mm(inside, t1.GetSpacing()).astype(np.float32),
+        tight_distance=_tight_distance(label_array, t1.GetSpacing()),
     )
+
+
+def _tight_distance(labels: np.ndarray, spacing) -> np.ndarray:
+    """Distance in mm outside the tight brain of a `split_outer_csf` label map."""
+    return distance_outside_mm(np.isin(labels, TIGHT_LABELS), spacing).astype(np.float32)
 
 
 def _padded(image: sitk.Image) -> sitk.Image:
@@ -382,8 +391,10 @@ def load_sources(path: Path) -> dict[str, LabelSource]:
             labels = stored[f"{name}/labels"]
             spacing = tuple(float(value) for value in stored[f"{name}/spacing"])
             distance_shape = tuple(int(n) for n in stored[f"{name}/distance_shape"])
-            if distance_shape == labels.shape:  # as mni_source computes it
+            tight_distance = None
+            if distance_shape == labels.shape:  # as mni_source computes them
                 distance = distance_outside_mm(labels > 0, spacing).astype(np.float32)
+                tight_distance = _tight_distance(labels, spacing)
             else:
                 distance = np.zeros(distance_shape, dtype=np.float32)
             sources[name] = LabelSource(
@@ -394,6 +405,7 @@ def load_sources(path: Path) -> dict[str, LabelSource]:
                 tissue=stored[f"{name}/tissue"],
                 image=stored[f"{name}/image"],
                 distance=distance,
+                tight_distance=tight_distance,
             )
     return sources
 

@@ -220,6 +220,8 @@ def _brain_extraction_image(params, source, sampling, labels, grid, rng):
         labels = _add_shells(labels, distance, params, grid, rng)
     brain = np.isin(labels, BRAIN_LABELS)
     classes = np.where(np.isin(labels, TIGHT_LABELS), 1, np.where(labels == OUTER_CSF, 2, 0))
+    if params.shells_mm and source.tight_distance is not None:
+        classes[_beyond_the_csf_border(labels, source, sampling)] = 0
     head = labels > 0
     synthetic = _synthetic_intensities(labels, params, rng)
     if params.mode == "synthetic":
@@ -235,6 +237,18 @@ def _brain_extraction_image(params, source, sampling, labels, grid, rng):
     image = normalize_percentile(_crop_field_of_view(image, params, grid))
     target = _crop_field_of_view(classes.astype(np.uint8), params, grid)
     return image, target
+
+
+def _beyond_the_csf_border(labels, source, sampling) -> np.ndarray:
+    """The shell's CSF farther than CSF_BORDER_MM from the tight brain: fluid, but not the mask's.
+
+    The shells start at the MNI mask's edge, which lies 1-2 mm outside the tight brain (median
+    1.4 mm), and the wobble moves them by up to 2.5 mm more; without this cap the CSF label of
+    an image with shells reached 4-7 mm from the brain, where the mask's own CSF and the real heads'
+    stop at CSF_BORDER_MM (`split_outer_csf`). The image is unchanged: only the label stops.
+    """
+    tight_distance = _warp(source.tight_distance[None], sampling, "bilinear", padding="border")[0]
+    return (labels == OUTER_CSF) & (tight_distance > CSF_BORDER_MM)
 
 
 def _tissue_image(params, source, sampling, labels, grid, rng):
@@ -315,7 +329,9 @@ def _add_shells(labels, distance, params, grid, rng) -> np.ndarray:
     """Label voxels outside the brain by their (wobbled) distance: CSF rim, skull, scalp, fat.
 
     The CSF rim becomes OUTER_CSF, at most CSF_BORDER_MM thick: inside the default mask, as the CSF
-    near the pydeface head's brain is (the MNI template's own mask is nearly tight). The wobble
+    near the pydeface head's brain is (the MNI template's own mask holds 1-2 mm of CSF; where the
+    rim reaches farther than CSF_BORDER_MM from the tight brain, `_beyond_the_csf_border` takes it
+    out of the target, not out of the image). The wobble
     moves every boundary together; with `csf_variation_mm` the rim's own thickness also varies
     around the brain (0.5 mm to CSF_BORDER_MM), as real fluid is thin over the convexity and wide
     in the posterior fossa, so a network cannot learn the rim as a band of one width. Its field
