@@ -15,7 +15,8 @@
 # processes) and leaves the run folder (checkpoint.pt, best.pt, history.json) and train.log in
 # $OUT. Back here: `deepmri train segment ... --export-only` or deepmri.train.segment.export,
 # then the selection rule in Docs/training.md. Settings come from the environment: ITERATIONS,
-# MINUTES (wall-clock stop), LR, WARMUP, SEED, WORKERS, BIAS_MAX, MNI152_HEAD_SHARE, DEVICE, PYTHON.
+# MINUTES (wall-clock stop), LR, WARMUP, SEED, WORKERS, BIAS_MAX, MNI152_HEAD_SHARE (0.5, as
+# brain-extraction 1.8.0 was trained), DEVICE, PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOURCES=runs/gpu/sources-brain-extraction.npz
@@ -39,7 +40,7 @@ run)
         --sources "$SOURCES" --init-from DeepMRI/Resources/Models/brain-extraction \
         --iterations "${ITERATIONS:-10000}" --minutes "${MINUTES:-7}" --lr "${LR:-2e-4}" \
         --warmup "${WARMUP:-100}" --validation-size 24 --validate-every 1000 \
-        --bias-max "${BIAS_MAX:-1.0}" --mni152-head-share "${MNI152_HEAD_SHARE:-0}" --seed "${SEED:-40}" --device "${DEVICE:-cuda}" \
+        --bias-max "${BIAS_MAX:-1.0}" --mni152-head-share "${MNI152_HEAD_SHARE:-0.5}" --seed "${SEED:-40}" --device "${DEVICE:-cuda}" \
         --threads 2 --workers "${WORKERS:-14}" 2>&1 | tee "$OUT/train.log"
     ;;
 *)
