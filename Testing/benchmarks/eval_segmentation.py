@@ -166,6 +166,30 @@ def leak_ml(mask: np.ndarray, reference: np.ndarray, spacing, beyond_mm: float =
     return float(np.logical_and(mask, distance > beyond_mm).sum() * np.prod(spacing) / 1000.0)
 
 
+def leak_where(mask: np.ndarray, reference: np.ndarray, spacing) -> dict[str, float]:
+    """Where the leak (mL more than 3 mm outside the reference) lies: by thirds of the reference's
+    height (array axis 0, superior) and by distance band, so a rim one convention holds and
+    another does not (3-4 mm) can be told from a mask that strays (> 5 mm)."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(~reference, sampling=spacing[::-1])
+    leak = np.logical_and(mask, distance > 3.0)
+    rows = np.argwhere(reference.any(axis=(1, 2)))[:, 0]
+    cuts = np.linspace(rows.min(), rows.max() + 1, 4)
+    height = np.arange(mask.shape[0])[:, None, None]
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    where = {
+        "below": leak & (height < cuts[0]),
+        "lower third": leak & (height >= cuts[0]) & (height < cuts[1]),
+        "middle third": leak & (height >= cuts[1]) & (height < cuts[2]),
+        "upper third": leak & (height >= cuts[2]),
+        "3-4 mm": leak & (distance <= 4.0),
+        "4-5 mm": leak & (distance > 4.0) & (distance <= 5.0),
+        "> 5 mm": leak & (distance > 5.0),
+    }
+    return {name: float(part.sum() * voxel_ml) for name, part in where.items()}
+
+
 def lowest_slice_gap_mm(mask: np.ndarray, reference: np.ndarray, spacing) -> float:
     """mm between the lowest axial slice of the reference holding brain and the mask's (>= 0).
 
@@ -289,6 +313,10 @@ def evaluate_brain(
             print(f"{key}: {row}", flush=True)
         if f"brain_dice_{name}_tight" in results:
             print(f"brain_dice_{name}_tight: model {results[f'brain_dice_{name}_tight']:.4f}")
+        for prefix, mask in masks.items():
+            parts = leak_where(mask, reference, spacing)
+            row = ", ".join(f"{where} {ml:.1f}" for where, ml in parts.items())
+            print(f"leak on {name}, {prefix.rstrip('_') or 'model'} (mL): {row}", flush=True)
 
 
 def atropos_tissue(image: sitk.Image, t2_like_contrast: bool) -> np.ndarray | None:
