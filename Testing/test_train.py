@@ -181,7 +181,7 @@ def test_shell_csf_rim_joins_the_default_mask_not_the_tight_brain(sources):
 
 def test_shell_csf_is_labelled_only_up_to_the_csf_border_from_the_brain(sources):
     # The shells start at the MNI mask's edge (1-2 mm outside the tight brain) and wobble: a
-    # 3 mm CSF shell reached 9-11 mm from the brain as label 2 before the label was capped.
+    # 3 mm CSF shell reached 9-11 mm from the brain on this 4 mm grid before the label was capped.
     params = _mni_only(sample_parameters(2, BRAIN_EXTRACTION, sources, SMALL.spacing))
     params.shells_mm = [3.0, 2.0, 3.0, 2.0, 5.0, 3.0]
     params.shell_wobble_mm = 2.5

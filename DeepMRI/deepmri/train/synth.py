@@ -244,8 +244,9 @@ def _beyond_the_csf_border(labels, source, sampling) -> np.ndarray:
 
     The shells start at the MNI mask's edge, which lies 1-2 mm outside the tight brain (median
     1.4 mm), and the wobble moves them by up to 2.5 mm more; without this cap the CSF label of
-    an image with shells reached 4-7 mm from the brain, where the mask's own CSF and the real heads'
-    stop at CSF_BORDER_MM (`split_outer_csf`). The image is unchanged: only the label stops.
+    an image with a 3 mm CSF shell and the widest wobble reached 8-10 mm from the brain on the
+    2 mm grid, where the mask's own CSF and the real heads' stop at CSF_BORDER_MM
+    (`split_outer_csf`). The image is unchanged: only the label stops.
     """
     tight_distance = _warp(source.tight_distance[None], sampling, "bilinear", padding="border")[0]
     return (labels == OUTER_CSF) & (tight_distance > CSF_BORDER_MM)
