@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from deepmri import data
+from deepmri.masks import distance_outside_mm
 from deepmri.simulate import inverted_contrast
 from deepmri.tasks.segment import BRAIN_EXTRACTION, BRAIN_TISSUE, segment, tight_brain
 from deepmri.tasks.segment_classical import classical_brain_mask, classical_tissue
@@ -158,22 +159,30 @@ def coverage(mask: np.ndarray, reference: np.ndarray) -> float:
     return float(np.logical_and(mask, reference).sum() / max(reference.sum(), 1))
 
 
-def leak_ml(mask: np.ndarray, reference: np.ndarray, spacing, beyond_mm: float = 3.0) -> float:
-    """mL of the mask farther than `beyond_mm` outside the reference."""
-    from scipy import ndimage
+def leak_ml(
+    mask: np.ndarray,
+    reference: np.ndarray,
+    spacing,
+    beyond_mm: float = 3.0,
+    outside: np.ndarray | None = None,
+) -> float:
+    """mL of the mask farther than `beyond_mm` outside the reference.
 
-    distance = ndimage.distance_transform_edt(~reference, sampling=spacing[::-1])
-    return float(np.logical_and(mask, distance > beyond_mm).sum() * np.prod(spacing) / 1000.0)
+    `outside` is the reference's `distance_outside_mm` map when the caller already has it (one
+    reference is scored against several masks)."""
+    if outside is None:
+        outside = distance_outside_mm(reference, spacing)
+    return float(np.logical_and(mask, outside > beyond_mm).sum() * np.prod(spacing) / 1000.0)
 
 
-def leak_where(mask: np.ndarray, reference: np.ndarray, spacing) -> dict[str, float]:
+def leak_where(
+    mask: np.ndarray, reference: np.ndarray, outside: np.ndarray, spacing
+) -> dict[str, float]:
     """Where the leak (mL more than 3 mm outside the reference) lies: by thirds of the reference's
     height (array axis 0, superior) and by distance band, so a rim one convention holds and
-    another does not (3-4 mm) can be told from a mask that strays (> 5 mm)."""
-    from scipy import ndimage
-
-    distance = ndimage.distance_transform_edt(~reference, sampling=spacing[::-1])
-    leak = np.logical_and(mask, distance > 3.0)
+    another does not (3-4 mm) can be told from a mask that strays (> 5 mm). `outside` is the
+    reference's `distance_outside_mm` map."""
+    leak = np.logical_and(mask, outside > 3.0)
     rows = np.argwhere(reference.any(axis=(1, 2)))[:, 0]
     cuts = np.linspace(rows.min(), rows.max() + 1, 4)
     height = np.arange(mask.shape[0])[:, None, None]
@@ -183,9 +192,9 @@ def leak_where(mask: np.ndarray, reference: np.ndarray, spacing) -> dict[str, fl
         "lower third": leak & (height >= cuts[0]) & (height < cuts[1]),
         "middle third": leak & (height >= cuts[1]) & (height < cuts[2]),
         "upper third": leak & (height >= cuts[2]),
-        "3-4 mm": leak & (distance <= 4.0),
-        "4-5 mm": leak & (distance > 4.0) & (distance <= 5.0),
-        "> 5 mm": leak & (distance > 5.0),
+        "3-4 mm": leak & (outside <= 4.0),
+        "4-5 mm": leak & (outside > 4.0) & (outside <= 5.0),
+        "> 5 mm": leak & (outside > 5.0),
     }
     return {name: float(part.sum() * voxel_ml) for name, part in where.items()}
 
@@ -294,10 +303,13 @@ def evaluate_brain(
                 saved = sitk.GetImageFromArray(masks[f"{peer}_"].astype(np.uint8))
                 saved.CopyInformation(image)
                 sitk.WriteImage(saved, str(cached))
+        outside = distance_outside_mm(reference, spacing)  # once per reference, for every mask
         for prefix, mask in masks.items():
             results[f"{prefix}brain_dice_{name}"] = dice(mask, reference)
             results[f"{prefix}brain_coverage_{name}"] = coverage(mask, reference)
-            results[f"{prefix}brain_leak3mm_ml_{name}"] = leak_ml(mask, reference, spacing)
+            results[f"{prefix}brain_leak3mm_ml_{name}"] = leak_ml(
+                mask, reference, spacing, outside=outside
+            )
             results[f"{prefix}brain_lowgap_mm_{name}"] = lowest_slice_gap_mm(
                 mask, reference, spacing
             )
@@ -314,7 +326,7 @@ def evaluate_brain(
         if f"brain_dice_{name}_tight" in results:
             print(f"brain_dice_{name}_tight: model {results[f'brain_dice_{name}_tight']:.4f}")
         for prefix, mask in masks.items():
-            parts = leak_where(mask, reference, spacing)
+            parts = leak_where(mask, reference, outside, spacing)
             row = ", ".join(f"{where} {ml:.1f}" for where, ml in parts.items())
             print(f"leak on {name}, {prefix.rstrip('_') or 'model'} (mL): {row}", flush=True)
 
