@@ -47,7 +47,8 @@ def write(array: np.ndarray, path: Path) -> None:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((GRID.spacing,) * 3)
     image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # RAS-ordered axes in ITK's LPS
-    image.SetOrigin((GRID.shape[2] * GRID.spacing / 2, GRID.shape[1] * GRID.spacing / 2, -96.0))
+    half = [n * GRID.spacing / 2 for n in GRID.shape]  # (z, y, x): the grid centred on 0
+    image.SetOrigin((half[2], half[1], -half[0]))
     sitk.WriteImage(image, str(path))
 
 

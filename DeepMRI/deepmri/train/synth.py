@@ -332,11 +332,11 @@ def _add_shells(labels, distance, params, grid, rng) -> np.ndarray:
     The CSF rim becomes OUTER_CSF, at most CSF_BORDER_MM thick: inside the default mask, as the CSF
     near the pydeface head's brain is (the MNI template's own mask holds 1-2 mm of CSF; where the
     rim reaches farther than CSF_BORDER_MM from the tight brain, `_beyond_the_csf_border` takes it
-    out of the target, not out of the image). The wobble
-    moves every boundary together; with `csf_variation_mm` the rim's own thickness also varies
-    around the brain (0.5 mm to CSF_BORDER_MM), as real fluid is thin over the convexity and wide
-    in the posterior fossa, so a network cannot learn the rim as a band of one width. Its field
-    comes from a generator of its own: the image's other noise stays what the seed gives.
+    out of the target, not out of the image). The wobble moves every boundary together; with
+    `csf_variation_mm` the rim's own thickness also varies around the brain (0.5 mm to
+    CSF_BORDER_MM), as real fluid is thin over the convexity and wide in the posterior fossa, so a
+    network cannot learn the rim as a band of one width. Its field comes from a generator of its
+    own: the image's other noise stays what the seed gives.
     """
     wobble = _smooth_noise(labels.shape, params.shell_wobble_mm, rng)
     distance = distance + wobble
