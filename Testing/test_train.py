@@ -350,6 +350,30 @@ def test_a_warm_start_from_best_pt_counts_the_training_behind_it(tmp_path):
     assert prior["iterations"] == state["best_iteration"] and prior["commands"] == ["test"]
 
 
+def test_a_weight_average_is_what_is_validated_kept_and_exported(tmp_path):
+    from deepmri.train.segment import export
+
+    _tiny_run(tmp_path / "start", max_iterations=1)
+    export(tmp_path / "start", tmp_path / "model")
+    options = dict(init_from=tmp_path / "model", ema=0.999999)
+    _tiny_run(tmp_path / "run", max_iterations=3, **options)
+    start = torch.load(tmp_path / "start" / "best.pt", weights_only=True)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+
+    def farthest(weights):  # from the starting weights (fp16 on the card, so 1e-3 apart at most)
+        return max(float((weights[key] - start[key]).abs().max()) for key in start)
+
+    # Averaged with a decay this close to 1, the kept weights stay at the start; trained ones moved.
+    assert farthest(best) < 2e-3 < farthest(saved["network"])
+    assert int(saved["averaged"]["n_averaged"]) == 4  # the start, then one per iteration
+    resumed = _tiny_run(tmp_path / "run", max_iterations=4, resume=True)
+    assert resumed["ema"] == 0.999999
+    assert farthest(torch.load(tmp_path / "run" / "best.pt", weights_only=True)) < 2e-3
+    card = export(tmp_path / "run", tmp_path / "averaged")
+    assert card["training"]["weight_average"] == "exponential moving average, decay 0.999999"
+
+
 def test_export_keeps_metrics_only_for_the_same_weights(tmp_path):
     from deepmri.train.segment import export
 
@@ -377,10 +401,10 @@ def test_the_train_command_passes_the_generator_settings_and_device():
     assert _recipe_overrides(plain) is None and plain.device == "cpu"
     given = parser.parse_args(
         ["train", "segment", "--model", "brain-extraction", "--out", "r", "--bias-max", "0.8",
-         "--csf-variation", "2.5", "--device", "cuda"]
+         "--csf-variation", "2.5", "--device", "cuda", "--ema", "0.998"]
     )  # fmt: skip
     assert _recipe_overrides(given) == {"bias_max": 0.8, "csf_variation_max": 2.5}
-    assert given.device == "cuda"
+    assert given.device == "cuda" and given.ema == 0.998 and plain.ema == 0.0
 
 
 def test_the_generator_rotates_as_simpleitk_euler3d_does():

@@ -76,6 +76,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="share of whole-head images drawn from FSL's MNI152 head instead of pydeface's "
         "(recipe default 0)",
     )
+    segment.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="validate, keep and export a moving average of the weights with this decay per step "
+        "(e.g. 0.998; 0: off, the trained weights themselves)",
+    )
     segment.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     segment.add_argument("--workers", type=int, default=1, help="data generation processes")
     segment.add_argument(
@@ -140,6 +147,7 @@ def _segment(arguments: argparse.Namespace) -> int:
             workers=arguments.workers,
             command=command,
             device=arguments.device,
+            ema=arguments.ema,
             recipe_overrides=_recipe_overrides(arguments),
         )
         print(f"trained {state['iteration']} iterations; best validation Dice {state['best']:.4f}")

@@ -340,6 +340,7 @@ def train(
     workers: int = 1,
     command: str | None = None,
     device: str = "cpu",
+    ema: float = 0.0,
     progress: ProgressCallback = no_progress,
     cancel: CancelLike | None = None,
 ) -> dict[str, Any]:
@@ -355,6 +356,10 @@ def train(
     same command gives the same run whatever the load; without `max_iterations` the schedule falls
     back to the wall-clock budget. Writes out_dir/checkpoint.pt (resumable), out_dir/best.pt (best
     mean validation score) and out_dir/history.json; returns the state. Export with `export`.
+
+    With `ema` > 0 the weights that are validated, kept as best.pt and exported are an
+    exponential moving average of the trained ones (`torch.optim.swa_utils`): one checkpoint then
+    stands for the last ~1 / (1 - ema) iterations rather than one noisy step of them.
     """
     if model_id not in RECIPES:
         raise DeepMRIError(f"Unknown model '{model_id}'; choose one of {sorted(RECIPES)}.")
@@ -395,6 +400,7 @@ def train(
         "learning_rate": recipe.learning_rate,
         "warmup": warmup,
         "bf16": bf16,
+        "ema": ema,
     }
     checkpoint_path = out_dir / "checkpoint.pt"
     saved = None
@@ -408,12 +414,15 @@ def train(
             state["best"] = -1.0
         state["recipe"] = _recipe_record(recipe)
         state.setdefault("prior", {"from": None, "iterations": 0, "minutes": 0.0})
+        state.setdefault("ema", ema)  # a run keeps the average it started with
         print(f"resumed at iteration {state['iteration']}", flush=True)
     elif init_from is not None:
         state["prior"] = load_initial_weights(network, Path(init_from))
         print(f"initialised from {state['prior']}", flush=True)
     network.to(device)
     device_type = torch.device(device).type  # "cpu" or "cuda": autocast and pinned batches
+    averaged = _weight_average(network, float(state.get("ema") or 0.0), saved)
+    evaluated = averaged.module if averaged is not None else network
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])  # moves its moments to the network's device
@@ -424,7 +433,7 @@ def train(
     state["budget_minutes"] = state.get("elapsed", 0.0) / 60.0 + (minutes or math.inf)
     base_rate, warmup = state.get("learning_rate", recipe.learning_rate), state.get("warmup", 0)
     if state["best"] < 0 and state["iteration"] == 0:
-        scores = validate(network, validation, recipe.out_channels, model_id)
+        scores = validate(evaluated, validation, recipe.out_channels, model_id)
         state["history"].append({"iteration": 0, "minutes": 0.0, "validation_dice": scores})
         print(json.dumps(state["history"][-1]), flush=True)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -462,6 +471,8 @@ def train(
         loss = loss_function(output.float(), target)
         loss.backward()
         optimizer.step()
+        if averaged is not None:
+            averaged.update_parameters(network)
         state["iteration"] += 1
         running.append(loss.item())
         done = (minutes is not None and elapsed_session >= minutes * 60.0) or (
@@ -469,7 +480,7 @@ def train(
         )
         now = time.time()
         if done or state["iteration"] % validation_every == 0:
-            scores = validate(network, validation, recipe.out_channels, model_id)
+            scores = validate(evaluated, validation, recipe.out_channels, model_id)
             entry = {
                 "iteration": state["iteration"],
                 "minutes": round(state["elapsed"] / 60.0, 2),
@@ -483,9 +494,9 @@ def train(
             if score > state["best"]:
                 state["best"] = score
                 state["best_iteration"] = state["iteration"]
-                torch.save(network.state_dict(), out_dir / "best.pt")
+                torch.save(evaluated.state_dict(), out_dir / "best.pt")
         if done or now - last_checkpoint >= checkpoint_minutes * 60.0:
-            _save_checkpoint(checkpoint_path, network, optimizer, state)
+            _save_checkpoint(checkpoint_path, network, optimizer, state, averaged)
             last_checkpoint = now
         if state["iteration"] % 25 == 0 and running:
             speed = (state["iteration"] - first_iteration) / max(elapsed_session, 1e-6) * 60.0
@@ -512,15 +523,39 @@ def _recipe_record(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _save_checkpoint(path: Path, network, optimizer, state) -> None:
+def _weight_average(
+    network: torch.nn.Module, decay: float, saved: dict[str, Any] | None
+) -> torch.optim.swa_utils.AveragedModel | None:
+    """The exponential moving average of `network`'s weights (None when `decay` is 0), restored
+    from a resumed checkpoint when it holds one. A new run's average starts at the network's
+    starting weights, so a warm start is averaged from the weights it started from."""
+    if not decay:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise DeepMRIError(f"The weight average's decay must lie in (0, 1), not {decay}.")
+    averaged = torch.optim.swa_utils.AveragedModel(
+        network, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+    )
+    if saved is not None and "averaged" in saved:
+        averaged.load_state_dict(saved["averaged"])
+    else:
+        averaged.update_parameters(network)  # the first update copies: the start is averaged in
+    return averaged
+
+
+def _save_checkpoint(path: Path, network, optimizer, state, averaged=None) -> None:
     prior = state.get("prior") or {}
     state["cumulative_iterations"] = int(prior.get("iterations", 0)) + state["iteration"]
     state["cumulative_minutes"] = float(prior.get("minutes", 0.0)) + state["elapsed"] / 60.0
     temporary = path.with_suffix(".tmp")
-    torch.save(
-        {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-        temporary,
-    )
+    contents = {
+        "network": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "state": state,
+    }
+    if averaged is not None:
+        contents["averaged"] = averaged.state_dict()
+    torch.save(contents, temporary)
     temporary.replace(path)
 
 
@@ -664,6 +699,11 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
                 2,
             ),
             "bf16_autocast": bool(state.get("bf16", False)),
+            **(
+                {"weight_average": f"exponential moving average, decay {state['ema']:g}"}
+                if state.get("ema")
+                else {}
+            ),
             "seed": state["seed"],
             "validation": state["history"][-1] if state["history"] else None,
             "validation_set": f"{state.get('validation_size', 8)} synthetic images from the same "
