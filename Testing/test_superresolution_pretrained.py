@@ -121,8 +121,10 @@ def test_bf16_training_with_a_moving_average_validates_and_resumes_the_average(t
     volumes = tiny_volumes()
     train(recipe, tmp_path, volumes, log=lambda message: None)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    raw, average = saved["network"], saved["ema"]
+    raw, averaged = saved["network"], saved["averaged"]
+    average = {key: averaged[f"module.{key}"] for key in raw}
     assert any(not torch.equal(raw[key], average[key]) for key in raw)
+    assert int(averaged["n_averaged"]) == 1 + recipe.iterations  # the start, then every step
     network = ThickSliceNet3d(recipe.width, recipe.depth)
     network.load_state_dict(average)
     scores = recipe_module.validate(network, recipe_module.validation_set(volumes, recipe), recipe)
@@ -130,8 +132,9 @@ def test_bf16_training_with_a_moving_average_validates_and_resumes_the_average(t
     assert last["net_4x"] == pytest.approx(scores["net_4x"], abs=1e-4)
     longer = SuperResolveRecipe(**{**recipe.__dict__, "iterations": 6})
     assert train(longer, tmp_path, volumes, resume=True, log=lambda message: None)["iteration"] == 6
-    resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["ema"]
-    assert any(not torch.equal(average[key], resumed[key]) for key in average)
+    resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["averaged"]
+    assert int(resumed["n_averaged"]) == 1 + longer.iterations  # carried over, not restarted
+    assert any(not torch.equal(average[key], resumed[f"module.{key}"]) for key in average)
 
 
 def test_training_pairs_are_the_forward_model_then_cubic():

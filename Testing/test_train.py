@@ -374,6 +374,26 @@ def test_a_weight_average_is_what_is_validated_kept_and_exported(tmp_path):
     assert card["training"]["weight_average"] == "exponential moving average, decay 0.999999"
 
 
+def test_the_weight_average_warms_its_decay_up_only_when_asked():
+    """From the start the average moves by 1 - d a step; with the warm-up the first step moves it
+    by 0.9 (d = n / (9 + n) after n updates, n = 1), so a random start does not linger."""
+    from deepmri.errors import DeepMRIError
+    from deepmri.train.averaging import weight_average
+
+    network = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    plain = weight_average(network, 0.99)
+    warmed = weight_average(network, 0.99, warm_up=True)
+    torch.nn.init.ones_(network.weight)
+    plain.update_parameters(network)
+    warmed.update_parameters(network)
+    assert plain.module.weight.item() == pytest.approx(0.01)
+    assert warmed.module.weight.item() == pytest.approx(0.9)
+    assert weight_average(network, 0.0) is None
+    with pytest.raises(DeepMRIError, match="decay"):
+        weight_average(network, 1.0)
+
+
 def test_export_keeps_metrics_only_for_the_same_weights(tmp_path):
     from deepmri.train.segment import export
 

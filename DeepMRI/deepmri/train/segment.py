@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from deepmri.errors import DeepMRIError
 from deepmri.progress import CancelLike, ProgressCallback, check_cancel, no_progress
+from deepmri.train.averaging import CHECKPOINT_KEY, weight_average
 from deepmri.train.labels import (
     CSF_BORDER_MM,
     ORIENTATION,
@@ -421,7 +422,7 @@ def train(
         print(f"initialised from {state['prior']}", flush=True)
     network.to(device)
     device_type = torch.device(device).type  # "cpu" or "cuda": autocast and pinned batches
-    averaged = _weight_average(network, float(state.get("ema") or 0.0), saved)
+    averaged = weight_average(network, float(state.get("ema") or 0.0), saved)
     evaluated = averaged.module if averaged is not None else network
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
     if saved is not None:
@@ -523,26 +524,6 @@ def _recipe_record(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _weight_average(
-    network: torch.nn.Module, decay: float, saved: dict[str, Any] | None
-) -> torch.optim.swa_utils.AveragedModel | None:
-    """The exponential moving average of `network`'s weights (None when `decay` is 0), restored
-    from a resumed checkpoint when it holds one. A new run's average starts at the network's
-    starting weights, so a warm start is averaged from the weights it started from."""
-    if not decay:
-        return None
-    if not 0.0 < decay < 1.0:
-        raise DeepMRIError(f"The weight average's decay must lie in (0, 1), not {decay}.")
-    averaged = torch.optim.swa_utils.AveragedModel(
-        network, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
-    )
-    if saved is not None and "averaged" in saved:
-        averaged.load_state_dict(saved["averaged"])
-    else:
-        averaged.update_parameters(network)  # the first update copies: the start is averaged in
-    return averaged
-
-
 def _save_checkpoint(path: Path, network, optimizer, state, averaged=None) -> None:
     prior = state.get("prior") or {}
     state["cumulative_iterations"] = int(prior.get("iterations", 0)) + state["iteration"]
@@ -554,7 +535,7 @@ def _save_checkpoint(path: Path, network, optimizer, state, averaged=None) -> No
         "state": state,
     }
     if averaged is not None:
-        contents["averaged"] = averaged.state_dict()
+        contents[CHECKPOINT_KEY] = averaged.state_dict()
     torch.save(contents, temporary)
     temporary.replace(path)
 

@@ -49,6 +49,7 @@ from deepmri.superres.net3d import (
     acquired_input,
     widen_inputs,
 )
+from deepmri.train.averaging import CHECKPOINT_KEY, weight_average
 
 MODEL_ID = "thick-to-thin-3d"
 # channels-last 3D convolutions take two thirds of the CPU time of the default layout (oneDNN)
@@ -431,11 +432,10 @@ def train(
         network.load_state_dict(saved["network"])
         optimiser.load_state_dict(saved["optimiser"])
         state = json.loads(saved["state"])
-    # the weights that are validated and kept: the raw ones, or their moving average
-    kept = network
-    if recipe.ema > 0:
-        kept = recipe.network().to(memory_format=CHANNELS_LAST)
-        kept.load_state_dict(saved.get("ema", network.state_dict()))
+    # the weights that are validated and kept: the raw ones, or their moving average (from
+    # scratch, so its decay is warmed up and the random start does not linger in it)
+    averaged = weight_average(network, recipe.ema, saved, warm_up=True)
+    kept = averaged.module if averaged is not None else network
     patches = validation_set(volumes, recipe)
     if state["best"] is None:
         scores = validate(kept, patches, recipe)
@@ -462,12 +462,8 @@ def train(
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        if recipe.ema > 0:
-            # the usual warm-up of the decay, so the first steps are not averaged with the start
-            decay = min(recipe.ema, (1.0 + iteration) / (10.0 + iteration))
-            with torch.no_grad():
-                for average, value in zip(kept.parameters(), network.parameters(), strict=True):
-                    average.lerp_(value, 1.0 - decay)
+        if averaged is not None:
+            averaged.update_parameters(network)
         losses.append(float(loss.detach()))
         state["iteration"] = iteration + 1
         done = state["iteration"]
@@ -501,7 +497,7 @@ def train(
                     "network": network.state_dict(),
                     "optimiser": optimiser.state_dict(),
                     "state": json.dumps(state),
-                    **({"ema": kept.state_dict()} if recipe.ema > 0 else {}),
+                    **({CHECKPOINT_KEY: averaged.state_dict()} if averaged is not None else {}),
                 },
                 checkpoint,
             )
