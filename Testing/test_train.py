@@ -341,6 +341,32 @@ def test_init_from_copies_weights_and_widens_the_output_layer(tmp_path):
     assert warm["training"]["command"] == "test && test"  # the chain of runs behind the weights
 
 
+def test_the_card_counts_the_training_behind_the_best_weights_not_the_last_step():
+    """An export holds best.pt: when the best validation came before the end, the card's
+    cumulative iterations, minutes and validation entry are those of the best iteration."""
+    from deepmri.train.segment import _behind_best
+
+    history = [
+        {"iteration": 0, "minutes": 0.0, "validation_dice": [0.90, 0.80]},
+        {"iteration": 500, "minutes": 10.0, "validation_dice": [0.95, 0.90]},
+        {"iteration": 1000, "minutes": 21.0, "validation_dice": [0.94, 0.89]},
+    ]
+    state = {
+        "prior": {"iterations": 4000, "minutes": 100.0, "commands": ["first"]},
+        "commands": ["second"],
+        "iteration": 1000,
+        "best_iteration": 500,
+        "elapsed": 21.5 * 60.0,
+        "history": history,
+    }
+    behind = _behind_best(state)
+    assert (behind["iterations"], behind["minutes"]) == (4500, 110.0)
+    assert behind["validation"] == history[1]
+    assert behind["commands"] == ["first", "second"]
+    # A run never validated better than its start (no best yet) counts all its steps.
+    assert _behind_best(state | {"best_iteration": None})["iterations"] == 5000
+
+
 def test_a_warm_start_from_best_pt_counts_the_training_behind_it(tmp_path):
     from deepmri.train.segment import RECIPES, build_network, load_initial_weights
 

@@ -278,16 +278,21 @@ def load_initial_weights(network: torch.nn.Module, source: Path) -> dict[str, An
 def _training_behind_best(checkpoint: Path) -> dict[str, Any]:
     """Iterations and minutes behind a run's best.pt (bare weights): the run's own prior plus its
     training up to the best iteration, read from the checkpoint beside it."""
-    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state"]
+    return _behind_best(torch.load(checkpoint, weights_only=True, map_location="cpu")["state"])
+
+
+def _behind_best(state: dict[str, Any]) -> dict[str, Any]:
+    """The training behind a run's best weights (what best.pt and an export hold): the prior
+    iterations and minutes plus the run's own up to its best iteration, that iteration's
+    validation entry, and the chain of commands."""
     prior = state.get("prior") or {}
     best = int(state.get("best_iteration") or state["iteration"])
-    minutes = next(
-        (entry["minutes"] for entry in state["history"] if entry["iteration"] == best),
-        state["elapsed"] / 60.0,
-    )
+    entry = next((entry for entry in state["history"] if entry["iteration"] == best), None)
+    minutes = entry["minutes"] if entry else state["elapsed"] / 60.0
     return {
         "iterations": int(prior.get("iterations", 0)) + best,
         "minutes": float(prior.get("minutes", 0.0)) + float(minutes),
+        "validation": entry or (state["history"][-1] if state["history"] else None),
         "commands": _commands_behind(state),
     }
 
@@ -601,6 +606,7 @@ def _previous_card(model_dir: Path) -> dict[str, Any] | None:
 
 def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]:
     tissue = recipe.model_id == BRAIN_TISSUE
+    behind = _behind_best(state)
     data = (
         "Synthetic images from the MNI ICBM152 2009a tissue maps (GM/WM probability maps, CSF = "
         "rest of the non-zero T1) with random contrast, deformation, bias, blur, thick slices, "
@@ -669,16 +675,10 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
             "best_iteration": state.get("best_iteration"),
             "minutes": round(state["elapsed"] / 60.0, 1),
             "initialised_from": (state.get("prior") or {}).get("from"),
-            "cumulative_iterations": int((state.get("prior") or {}).get("iterations", 0))
-            + state["iteration"],
-            "cumulative_minutes": round(
-                float((state.get("prior") or {}).get("minutes", 0.0)) + state["elapsed"] / 60.0, 1
-            ),
-            "cumulative_hours": round(
-                (float((state.get("prior") or {}).get("minutes", 0.0)) + state["elapsed"] / 60.0)
-                / 60.0,
-                2,
-            ),
+            # behind the exported weights (the best), not behind the run's last step
+            "cumulative_iterations": behind["iterations"],
+            "cumulative_minutes": round(behind["minutes"], 1),
+            "cumulative_hours": round(behind["minutes"] / 60.0, 2),
             "bf16_autocast": bool(state.get("bf16", False)),
             **(
                 {"weight_average": f"exponential moving average, decay {state['ema']:g}"}
@@ -686,7 +686,7 @@ def _card(recipe: Recipe, state: dict[str, Any], version: str) -> dict[str, Any]
                 else {}
             ),
             "seed": state["seed"],
-            "validation": state["history"][-1] if state["history"] else None,
+            "validation": behind["validation"],
             "validation_set": f"{state.get('validation_size', 8)} synthetic images from the same "
             f"generator, seeds {VALIDATION_SEED_BASE}+i (never used for training); the weights "
             "are those of the best mean validation score"
