@@ -29,12 +29,10 @@ from deepmri.train.labels import build_sources
 from deepmri.train.segment import (
     BRAIN_EXTRACTION,
     RECIPES,
-    VALIDATION_SEED_BASE,
     build_network,
-    make_pair,
     validate,
+    validation_pairs,
 )
-from deepmri.train.synth import GridSpec
 
 
 def interpolated(first: dict, second: dict, alpha: float) -> dict[str, torch.Tensor]:
@@ -68,10 +66,7 @@ def main() -> None:
     sources = build_sources(
         arguments.cache, BRAIN_EXTRACTION, lambda *_: None, mni152_head=recipe.mni152_head_share > 0
     )
-    grid = GridSpec(recipe.shape, recipe.spacing)
-    pairs = [
-        make_pair(recipe, sources, VALIDATION_SEED_BASE + i, grid) for i in range(arguments.images)
-    ]
+    pairs = validation_pairs(recipe, sources, arguments.images)
     card = first.card.to_dict()
     card["metrics"] = []  # held-out figures belong to the first model's weights, not these
     results: dict[str, list[float]] = {}
@@ -82,7 +77,10 @@ def main() -> None:
         save_model(network, card, folder, dtype="float16")
         # scored as written: fp16 weights read back, as the task and the other scripts read them
         scores = validate(
-            store.get(str(folder)).load_network(device="cpu"), pairs, 3, BRAIN_EXTRACTION
+            store.get(str(folder)).load_network(device="cpu"),
+            pairs,
+            recipe.out_channels,
+            BRAIN_EXTRACTION,
         )
         results[f"{alpha:g}"] = scores
         print(f"a = {alpha:g}: mask {scores[0]:.4f} tight {scores[1]:.4f} -> {folder}", flush=True)

@@ -182,6 +182,17 @@ def make_pair(
     return torch.from_numpy(image)[None], torch.from_numpy(target.astype(np.int64))[None]
 
 
+def validation_pairs(
+    recipe: Recipe, sources: dict[str, LabelSource], count: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The recipe's fixed validation set on its own grid: seeds VALIDATION_SEED_BASE + 0..count-1,
+    which training never draws."""
+    grid = GridSpec(recipe.shape, recipe.spacing)
+    return [
+        make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid) for index in range(count)
+    ]
+
+
 def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, classes: int) -> list[float]:
     """Dice of each foreground class (1..classes-1) between two label tensors."""
     scores = []
@@ -387,11 +398,7 @@ def train(
         sources = build_sources(
             cache_dir, model_id, progress, mni152_head=recipe.mni152_head_share > 0
         )
-    grid = GridSpec(recipe.shape, recipe.spacing)
-    validation = [
-        make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
-        for index in range(validation_size)
-    ]
+    validation = validation_pairs(recipe, sources, validation_size)
     network = build_network(recipe)
     state = {
         "iteration": 0,
