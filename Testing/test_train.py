@@ -451,6 +451,27 @@ def test_the_train_command_passes_the_generator_settings_and_device():
     )  # fmt: skip
     assert _recipe_overrides(given) == {"bias_max": 0.8, "csf_variation_max": 2.5}
     assert given.device == "cuda" and given.ema == 0.998 and plain.ema == 0.0
+    finer = parser.parse_args(
+        ["train", "segment", "--model", "brain-extraction", "--out", "r", "--spacing", "1.5"]
+    )  # fmt: skip
+    # 192 x 224 x 192 mm at 1.5 mm: 224 / 1.5 = 149.3 rounds up to 152, which 8 divides.
+    assert _recipe_overrides(finer) == {"spacing": 1.5, "shape": (128, 152, 128)}
+
+
+def test_a_finer_grid_keeps_the_field_of_view_and_what_the_strides_divide():
+    from deepmri.errors import DeepMRIError
+    from deepmri.train.segment import RECIPES, grid_at
+
+    recipe = RECIPES[BRAIN_EXTRACTION]
+    assert grid_at(recipe, recipe.spacing)["shape"] == recipe.shape
+    for spacing in (1.0, 1.25, 1.5, 1.75):
+        shape = grid_at(recipe, spacing)["shape"]
+        assert all(n % 8 == 0 for n in shape)
+        field = np.asarray(shape) * spacing
+        assert np.all(field >= np.asarray(recipe.shape) * recipe.spacing - 1e-6)
+        assert np.all(field - 8 * spacing < np.asarray(recipe.shape) * recipe.spacing)
+    with pytest.raises(DeepMRIError):
+        grid_at(recipe, 0.0)
 
 
 def test_the_generator_rotates_as_simpleitk_euler3d_does():

@@ -77,6 +77,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(recipe default 0)",
     )
     segment.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="train on a grid of this voxel size, same field of view (recipe default: "
+        "brain-extraction 2 mm, brain-tissue 1 mm); the card's spacing and patch follow it",
+    )
+    segment.add_argument(
         "--ema",
         type=float,
         default=0.0,
@@ -176,6 +184,10 @@ def _recipe_overrides(arguments: argparse.Namespace) -> dict[str, float] | None:
         )
         if value is not None
     }
+    if arguments.spacing is not None:
+        from deepmri.train.segment import RECIPES, grid_at
+
+        overrides |= grid_at(RECIPES[arguments.model], arguments.spacing)
     return overrides or None
 
 

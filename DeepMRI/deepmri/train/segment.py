@@ -144,6 +144,20 @@ RECIPES = {
 }
 
 
+def grid_at(recipe: Recipe, spacing: float) -> dict[str, Any]:
+    """The recipe's grid at another voxel size with the same field of view (the overrides of
+    `spacing` and `shape`): each side rounded up to what the network's strides divide, so a
+    finer grid never crops the head the coarse one held."""
+    if spacing <= 0:
+        raise DeepMRIError(f"A grid spacing must be positive, not {spacing:g} mm.")
+    divisor = math.prod(recipe.strides)
+    shape = tuple(
+        int(math.ceil(size * recipe.spacing / spacing / divisor - 1e-9)) * divisor
+        for size in recipe.shape
+    )
+    return {"spacing": float(spacing), "shape": shape}
+
+
 def build_network(recipe: Recipe) -> torch.nn.Module:
     config = recipe.network_config()
     return UNet(
