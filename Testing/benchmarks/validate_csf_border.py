@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,15 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
     model = ModelStore().get(arguments.model)
     card = model.card.to_dict()
+    # The 1 mm images are the same for every model; the network-grid images follow the card's
+    # grid (a model trained with --spacing 1.5 sees 1.5 mm voxels).
     recipe = RECIPES["brain-extraction"]
+    if arguments.input_spacing is None:
+        recipe = replace(
+            recipe,
+            spacing=float(card["preprocessing"]["spacing"][0]),
+            shape=tuple(card["inference"]["patch_size"]),
+        )
     sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None, mni152_head=False)
     without_border = card | {
         "postprocessing": [step for step in card["postprocessing"] if step != "csf_border"]
