@@ -173,8 +173,8 @@ def _sources(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_overrides(arguments: argparse.Namespace) -> dict[str, float] | None:
-    """The generator settings given on the command line (None: the recipe's own)."""
+def _recipe_overrides(arguments: argparse.Namespace) -> dict[str, object] | None:
+    """The generator settings and grid given on the command line (None: the recipe's own)."""
     overrides = {
         name: value
         for name, value in (
