@@ -474,6 +474,17 @@ def test_a_finer_grid_keeps_the_field_of_view_and_what_the_strides_divide():
         grid_at(recipe, 0.0)
 
 
+def test_a_card_gives_back_the_recipe_on_the_grid_it_was_trained_at():
+    from deepmri.train.segment import RECIPES, _card, grid_at, recipe_on_card_grid
+
+    recipe = RECIPES[BRAIN_EXTRACTION]
+    state = {"iteration": 0, "elapsed": 0.0, "history": [], "seed": 0, "commands": []}
+    for finer in ({}, grid_at(recipe, 1.5)):
+        trained = replace(recipe, **finer)
+        card = json.loads(json.dumps(_card(trained, state, "0.0.0")))  # as read from card.json
+        assert recipe_on_card_grid(card) == trained
+
+
 def test_the_generator_rotates_as_simpleitk_euler3d_does():
     import SimpleITK as sitk
 

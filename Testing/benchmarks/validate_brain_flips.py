@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from deepmri.models import ModelStore
 from deepmri.train.labels import build_sources
-from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair, validation_scores
+from deepmri.train.segment import (
+    VALIDATION_SEED_BASE,
+    make_pair,
+    recipe_on_card_grid,
+    validation_scores,
+)
 from deepmri.train.synth import GridSpec
 
 FLIP_SETS = {"plain": [()], "left_right": [(), (4,)], "all_axes": [(), (2,), (3,), (4,)]}
@@ -32,8 +37,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/cache"), help="label-map cache")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
-    network = ModelStore().get(arguments.model).load_network(device="cpu").eval()
-    recipe = RECIPES["brain-extraction"]
+    model = ModelStore().get(arguments.model)
+    network = model.load_network(device="cpu").eval()
+    recipe = recipe_on_card_grid(model.card.to_dict())
     sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None, mni152_head=False)
     grid = GridSpec(recipe.shape, recipe.spacing)
     passes = sorted({flip for flips in FLIP_SETS.values() for flip in flips})

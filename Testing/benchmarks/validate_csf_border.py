@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from deepmri.models import ModelStore  # noqa: E402
 from deepmri.tasks.segment import limit_csf_border, postprocess_labels, segment  # noqa: E402
 from deepmri.train.labels import CSF_BORDER_MM, build_sources  # noqa: E402
-from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair  # noqa: E402
+from deepmri.train.segment import (  # noqa: E402
+    RECIPES,
+    VALIDATION_SEED_BASE,
+    make_pair,
+    recipe_on_card_grid,
+)
 from deepmri.train.synth import GridSpec  # noqa: E402
 from eval_segmentation import coverage, dice, leak_ml  # noqa: E402
 
@@ -124,11 +128,7 @@ def main() -> None:
     # grid (a model trained with --spacing 1.5 sees 1.5 mm voxels).
     recipe = RECIPES["brain-extraction"]
     if arguments.input_spacing is None:
-        recipe = replace(
-            recipe,
-            spacing=float(card["preprocessing"]["spacing"][0]),
-            shape=tuple(card["inference"]["patch_size"]),
-        )
+        recipe = recipe_on_card_grid(card)
     sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None, mni152_head=False)
     without_border = card | {
         "postprocessing": [step for step in card["postprocessing"] if step != "csf_border"]

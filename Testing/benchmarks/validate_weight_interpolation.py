@@ -28,8 +28,8 @@ from deepmri.models import ModelStore, save_model
 from deepmri.train.labels import build_sources
 from deepmri.train.segment import (
     BRAIN_EXTRACTION,
-    RECIPES,
     build_network,
+    recipe_on_card_grid,
     validate,
     validation_pairs,
 )
@@ -59,7 +59,7 @@ def main() -> None:
     first, second = store.get(arguments.first), store.get(arguments.second)
     weights = [m.load_network(device="cpu").state_dict() for m in (first, second)]
     recipe = replace(
-        RECIPES[BRAIN_EXTRACTION],
+        recipe_on_card_grid(first.card.to_dict()),
         bias_max=arguments.bias_max,
         mni152_head_share=arguments.mni152_head_share,
     )

@@ -158,6 +158,16 @@ def grid_at(recipe: Recipe, spacing: float) -> dict[str, Any]:
     return {"spacing": float(spacing), "shape": shape}
 
 
+def recipe_on_card_grid(card: dict[str, Any]) -> Recipe:
+    """A model card's recipe on the grid its weights were trained at (`--spacing` moves it), so
+    scripts draw images at the network's own voxel size and patch."""
+    return replace(
+        RECIPES[card["id"]],
+        spacing=float(card["preprocessing"]["spacing"][0]),
+        shape=tuple(int(n) for n in card["inference"]["patch_size"]),
+    )
+
+
 def build_network(recipe: Recipe) -> torch.nn.Module:
     config = recipe.network_config()
     return UNet(
