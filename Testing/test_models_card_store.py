@@ -75,6 +75,8 @@ _DELETE = object()
         ("preprocessing.normalization.method", "magic"),
         ("inference.patch_size", [32, 32]),
         ("inference.overlap", 1.5),
+        ("inference.average_with", "brain-extraction"),
+        ("inference.average_with", [""]),
         ("labels[0].value", 0),
         ("labels[0].name", ""),
         ("labels[0].color", [2.0, 0.0, 0.0]),

@@ -23,7 +23,7 @@ from deepmri.nets import register_architecture
 from deepmri.progress import CancelToken
 from deepmri.settings import Settings
 from deepmri.tasks.base import TaskError
-from deepmri.tasks.segment import segment
+from deepmri.tasks.segment import postprocess_labels, segment
 from monai.networks.nets import UNet
 
 
@@ -631,3 +631,57 @@ def test_a_card_that_averages_flips_gives_the_same_labels_with_or_without_uncert
     assert np.array_equal(averaged_labels, labels(averaged, True))
     assert np.array_equal(averaged_labels, labels(plain, True))
     assert (averaged_labels != plain_labels).sum() > 10  # the mirrored pass moved the right edge
+
+
+def _averaging_store(tmp_path, member_labels: int = 2) -> ModelStore:
+    """test-brain (threshold 0.3, 1.5 mm) averaging with test-member (threshold 0.6, 2.5 mm)."""
+    folder = tmp_path / "models"
+    main = threshold_card("test-brain", 2)
+    main["inference"]["average_with"] = ["test-member"]
+    save_model(IntensityThreshold(0.3, 2), main, folder / "test-brain")
+    member = threshold_card("test-member", member_labels)
+    member["architecture"]["config"]["threshold"] = 0.6
+    member["preprocessing"]["spacing"] = [2.5, 2.5, 2.5]
+    save_model(IntensityThreshold(0.6, member_labels), member, folder / "test-member")
+    alone = threshold_card("test-brain-alone", 2)
+    save_model(IntensityThreshold(0.3, 2), alone, folder / "test-brain-alone")
+    return ModelStore(Settings(home=tmp_path / "home"), extra_paths=(folder,))
+
+
+def test_a_card_that_averages_with_another_model_draws_the_mean_of_both_on_the_input_grid(
+    tmp_path,
+):
+    store = _averaging_store(tmp_path)
+    image = blob_image()
+
+    def brain_probability(model: str) -> tuple[np.ndarray, dict]:
+        result = segment(image, model, store=store, probabilities=True, uncertainty=True)
+        return sitk.GetArrayFromImage(result.probabilities["Brain"]), result.provenance
+
+    averaged, provenance = brain_probability("test-brain")
+    alone, _ = brain_probability("test-brain-alone")
+    member, _ = brain_probability("test-member")
+    assert [m["id"] for m in provenance["models"]] == ["test-brain", "test-member"]
+    np.testing.assert_allclose(averaged, (alone + member) / 2, atol=1e-5)
+    assert np.abs(alone - member).max() > 0.5  # the two thresholds disagree somewhere
+    result = segment(image, "test-brain", store=store)
+    assert same_geometry(result.labels, image, tolerance=0.0)
+    card = store.get("test-brain").card.to_dict()
+    drawn = postprocess_labels((averaged > 0.5).astype(np.int64), card, image.GetSpacing())
+    assert np.array_equal(sitk.GetArrayFromImage(result.labels), drawn)
+    alone_labels = sitk.GetArrayFromImage(segment(image, "test-brain-alone", store=store).labels)
+    assert (alone_labels != drawn).sum() > 10  # the member moved the edge
+
+
+def test_averaging_with_a_model_of_other_labels_or_none_installed_is_refused_by_name(tmp_path):
+    store = _averaging_store(tmp_path, member_labels=4)
+    image = blob_image()
+    with pytest.raises(ModelError, match="test-member, whose labels differ"):
+        segment(image, "test-brain", store=store)
+    folder = tmp_path / "lonely"
+    card = threshold_card("test-lonely", 2)
+    card["inference"]["average_with"] = ["not-installed"]
+    save_model(IntensityThreshold(0.3, 2), card, folder / "test-lonely")
+    lonely = ModelStore(Settings(home=tmp_path / "home2"), extra_paths=(folder,))
+    with pytest.raises(ModelError, match="No model 'not-installed' is installed"):
+        segment(image, "test-lonely", store=lonely)

@@ -352,6 +352,9 @@ def _validate_inference(data: Any) -> dict[str, Any]:
     ):
         raise _fail("inference.flips", "lists of tensor dims 2, 3 or 4", flips)
     _validate_refinement(data.get("refinement"))
+    members = data.get("average_with", [])
+    if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
+        raise _fail("inference.average_with", "a list of model ids", members)
     return {**data, "patch_size": patch, "overlap": float(overlap), "flips": flips}
 
 

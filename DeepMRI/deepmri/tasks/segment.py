@@ -49,6 +49,7 @@ class _ModelOutput:
     probabilities: np.ndarray  # (C, k, j, i) on the input grid, summing to 1 over C
     uncertainty: np.ndarray | None  # (k, j, i) on the input grid
     card: dict[str, Any]
+    members: tuple[dict[str, Any], ...] = ()  # the cards averaged in (`average_with`)
 
 
 class SegmentTask(Task):
@@ -223,9 +224,10 @@ def segment(
             raise InvalidImageError("The skull-stripped input has no non-zero voxel.")
         provenance["brain"] = "the input's non-zero voxels (skull_stripped)"
     elif mask_model:
-        brain = _run_model(
+        brain = _run_averaged(
             working,
             store.get(mask_model),
+            store,
             torch_device,
             config.precision,
             None,
@@ -239,12 +241,13 @@ def segment(
             )
             > 0
         )
-        provenance["models"].append(_model_provenance(brain.card))
+        provenance["models"] += _models_provenance(brain)
         if not mask.any():
             raise InvalidImageError("No brain was found in the input; is this a brain MRI?")
-    output = _run_model(
+    output = _run_averaged(
         working,
         main_model,
+        store,
         torch_device,
         config.precision,
         mask,
@@ -261,7 +264,7 @@ def segment(
         output = _refine_with_mixture(working, output, region, refinement)
         provenance["refinement"] = dict(refinement)
         check_cancel(cancel)
-    provenance["models"].append(_model_provenance(output.card))
+    provenance["models"] += _models_provenance(output)
     if not csf:
         provenance["mask"] = "tight (no CSF around the brain)"
     elif csf_border_mm is not None:
@@ -299,6 +302,66 @@ def _card_dict(model: Any) -> dict[str, Any]:
 
 def _model_provenance(card: dict[str, Any]) -> dict[str, Any]:
     return {"id": card["id"], "version": card["version"], "sha256": card["weights"]["sha256"]}
+
+
+def _models_provenance(output: _ModelOutput) -> list[dict[str, Any]]:
+    return [_model_provenance(card) for card in (output.card, *output.members)]
+
+
+def _run_averaged(
+    image: sitk.Image,
+    model: Any,
+    store: Any,
+    device: Any,
+    precision: str,
+    mask: np.ndarray | None,
+    with_uncertainty: bool,
+    progress: ProgressCallback,
+    cancel: CancelLike | None,
+) -> _ModelOutput:
+    """`_run_model`, averaged with the models the card's `inference.average_with` names.
+
+    Networks trained on different grids draw the brain's edge at different places; the mean of
+    their probabilities on the input grid is drawn with this card's labels and steps. Each member
+    runs on its own card's grid (its own `average_with` is not followed) and must have this
+    card's labels, checked before its networks run. The uncertainty map is the largest
+    of the members' flip spreads.
+    """
+    card = _card_dict(model)
+    members = [store.get(name) for name in card.get("inference", {}).get("average_with", [])]
+    for member in members:
+        if _label_values(_card_dict(member)) != _label_values(card):
+            raise ModelError(
+                f"{card['id']} averages with {_card_dict(member)['id']}, whose labels differ; "
+                "a model can only be averaged with one that has the same labels."
+            )
+    share = 1.0 / (len(members) + 1)
+    outputs = [
+        _run_model(
+            image,
+            each,
+            device,
+            precision,
+            mask,
+            with_uncertainty,
+            sub_progress(progress, index * share, (index + 1) * share),
+            cancel,
+        )
+        for index, each in enumerate([model, *members])
+    ]
+    if not members:
+        return outputs[0]
+    spreads = [output.uncertainty for output in outputs if output.uncertainty is not None]
+    return _ModelOutput(
+        np.mean([output.probabilities for output in outputs], axis=0),
+        np.max(spreads, axis=0) if spreads else None,
+        outputs[0].card,
+        tuple(output.card for output in outputs[1:]),
+    )
+
+
+def _label_values(card: dict[str, Any]) -> list[int]:
+    return sorted(int(label["value"]) for label in card["labels"])
 
 
 def _run_model(
