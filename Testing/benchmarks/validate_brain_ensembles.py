@@ -35,7 +35,7 @@ from deepmri.tasks.segment import _run_model, limit_csf_border, postprocess_labe
 from deepmri.train.labels import build_sources  # noqa: E402
 from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair  # noqa: E402
 from deepmri.train.synth import GridSpec  # noqa: E402
-from validate_csf_border import mask_figures  # noqa: E402
+from validate_csf_border import mask_figures, summarise  # noqa: E402
 
 
 def shifted_resampler(shift_mm: float):
@@ -111,17 +111,7 @@ def main() -> None:
         print(
             f"image {index + 1}/{arguments.images} {time.perf_counter() - start:.0f} s", flush=True
         )
-    results: dict[str, float] = {}
-    for key, values in figures.items():
-        for figure in values[0]:
-            results[f"{key}_{figure}"] = round(float(np.mean([v[figure] for v in values])), 4)
-        results[f"{key}_leak_ml_median"] = round(
-            float(np.median([v["leak_ml"] for v in values])), 2
-        )
-        print(
-            f"{key:24s} dice {results[f'{key}_dice']:.4f} leak {results[f'{key}_leak_ml']:.2f} mL "
-            f"(median {results[f'{key}_leak_ml_median']:.2f}) coverage {results[f'{key}_coverage']:.4f}"
-        )
+    results = summarise(figures)
     results["images"] = arguments.images
     results["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(results))

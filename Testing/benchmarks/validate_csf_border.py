@@ -64,6 +64,26 @@ def mask_figures(
     }
 
 
+def summarise(figures: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Per configuration, the mean of each figure over the images and the leak's median and
+    maximum (a few images carry most of the leak, a thick fluid band taken in whole, so the
+    median says what a typical image leaks); a line printed for each."""
+    results: dict[str, float] = {}
+    width = max(len(name) for name in figures)
+    for name, values in figures.items():
+        for key in values[0]:
+            results[f"{name}_{key}"] = round(float(np.mean([v[key] for v in values])), 4)
+        leaks = [v["leak_ml"] for v in values]
+        results[f"{name}_leak_ml_median"] = round(float(np.median(leaks)), 2)
+        results[f"{name}_leak_ml_max"] = round(max(leaks), 2)
+        print(
+            f"{name:{width}s} dice {results[f'{name}_dice']:.4f} leak {results[f'{name}_leak_ml']:.2f}"
+            f" mL (median {results[f'{name}_leak_ml_median']:.2f}, max "
+            f"{results[f'{name}_leak_ml_max']:.2f}) coverage {results[f'{name}_coverage']:.4f}"
+        )
+    return results
+
+
 def network_grid_labels(
     model, recipe, sources, images: int, without_border: dict
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -156,21 +176,7 @@ def main() -> None:
                 else limit_csf_border(labels, card["tight_labels"], spacing, border)
             )
             figures[name].append(mask_figures(prediction, reference, tight, spacing))
-    results: dict[str, float] = {}
-    for name, values in figures.items():
-        for key in values[0]:
-            results[f"{name}_{key}"] = round(float(np.mean([v[key] for v in values])), 4)
-        # a few images carry most of the leak (a thick fluid band taken in whole), so the median
-        # says what a typical image leaks
-        results[f"{name}_leak_ml_median"] = round(
-            float(np.median([v["leak_ml"] for v in values])), 2
-        )
-        results[f"{name}_leak_ml_max"] = round(max(v["leak_ml"] for v in values), 2)
-        print(
-            f"{name:10s} dice {results[f'{name}_dice']:.4f} leak {results[f'{name}_leak_ml']:.2f} mL "
-            f"(median {results[f'{name}_leak_ml_median']:.2f}, max {results[f'{name}_leak_ml_max']:.2f})"
-            f" coverage {results[f'{name}_coverage']:.4f}"
-        )
+    results = summarise(figures)
     results["images"] = arguments.images
     results["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(results))
