@@ -33,9 +33,8 @@ from deepmri import geometry, preprocess  # noqa: E402
 from deepmri.models import ModelStore  # noqa: E402
 from deepmri.tasks.segment import _run_model, limit_csf_border, postprocess_labels  # noqa: E402
 from deepmri.train.labels import build_sources  # noqa: E402
-from deepmri.train.segment import RECIPES, VALIDATION_SEED_BASE, make_pair  # noqa: E402
-from deepmri.train.synth import GridSpec  # noqa: E402
-from validate_csf_border import mask_figures, summarise  # noqa: E402
+from deepmri.train.segment import RECIPES  # noqa: E402
+from validate_csf_border import mask_figures, summarise, validation_scan  # noqa: E402
 
 
 def shifted_resampler(shift_mm: float):
@@ -82,15 +81,11 @@ def main() -> None:
     half_voxel = float(card["preprocessing"]["spacing"][0]) / 2
     recipe = RECIPES["brain-extraction"]
     sources = build_sources(arguments.cache, "brain-extraction", lambda *_: None, mni152_head=False)
-    shape = tuple(round(n * recipe.spacing) for n in recipe.shape)  # the same images at 1 mm
-    grid = GridSpec(shape, 1.0)
     spacing = np.ones(3)
     figures: dict[str, list[dict[str, float]]] = {}
     start = time.perf_counter()
     for index in range(arguments.images):
-        image, target = make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
-        scan = sitk.GetImageFromArray(image[0].numpy())
-        scan.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # RAS, as drawn
+        scan, target = validation_scan(recipe, sources, index, 1.0)  # the same images at 1 mm
         plain = probabilities(scan, first)
         passes = {
             "single": plain,
@@ -100,7 +95,6 @@ def main() -> None:
             other = probabilities(scan, second)
             passes["second_alone"] = other
             passes["with_second"] = (plain + other) / 2
-        target = target[0].numpy()
         reference, tight = target > 0, ndimage.binary_fill_holes(target == 1)
         for name, mean in passes.items():
             labels = postprocess_labels(np.argmax(mean, axis=0), steps, spacing)

@@ -107,19 +107,29 @@ def input_grid_labels(
     """The same seeds drawn at `input_spacing` and segmented by the task, as a user's scan is:
     per image the labels after the card's steps but the border (the task runs a copy of the
     model folder with that card), and the target's labels."""
-    shape = tuple(round(n * recipe.spacing / input_spacing) for n in recipe.shape)
-    grid = GridSpec(shape, input_spacing)
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / model.path.name
         shutil.copytree(model.path, copy)
         (copy / "card.json").write_text(json.dumps(without_border, indent=2))
         for index in range(images):
-            image, target = make_pair(recipe, sources, VALIDATION_SEED_BASE + index, grid)
-            scan = sitk.GetImageFromArray(image[0].numpy())
-            scan.SetSpacing([input_spacing] * 3)
-            scan.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # RAS, as drawn
+            scan, target = validation_scan(recipe, sources, index, input_spacing)
             labels = sitk.GetArrayFromImage(segment(scan, str(copy), device="cpu").labels)
-            yield labels, target[0].numpy()
+            yield labels, target
+
+
+def validation_scan(
+    recipe, sources, index: int, input_spacing: float
+) -> tuple[sitk.Image, np.ndarray]:
+    """Validation seed `index` drawn at `input_spacing` over the recipe's field of view, as a
+    scan a user brings (RAS, as drawn), and the target's labels."""
+    shape = tuple(round(n * recipe.spacing / input_spacing) for n in recipe.shape)
+    image, target = make_pair(
+        recipe, sources, VALIDATION_SEED_BASE + index, GridSpec(shape, input_spacing)
+    )
+    scan = sitk.GetImageFromArray(image[0].numpy())
+    scan.SetSpacing([input_spacing] * 3)
+    scan.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    return scan, target[0].numpy()
 
 
 def main() -> None:
