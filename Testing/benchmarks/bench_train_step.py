@@ -1,12 +1,13 @@
 """One training step of the brain-extraction network in fp32 and under bfloat16 autocast.
 
-The recipe's network (`deepmri.train.segment.build_network`) on a full 96x112x96 patch, DiceCE
+The recipe's network (`deepmri.train.segment.build_network`) on a full patch of its grid
+(96x112x96 at 2 mm; `--spacing 1.5` gives the 128x152x128 grid `--spacing` trains on), DiceCE
 loss, AdamW, one torch thread (as the background training runs), same inputs for both. The two
 precisions alternate step by step (A B A B ...) so load from other processes falls on both alike;
 medians are reported with their ratio. bf16 autocast pays only on CPUs with bf16 arithmetic
 (AMX or AVX-512 BF16); on AVX2 it was 15x slower (Docs/training.md). Last line: JSON.
 
-    python Testing/benchmarks/bench_train_step.py [--steps 8] [--threads 1]
+    python Testing/benchmarks/bench_train_step.py [--steps 8] [--threads 1] [--spacing 1.5]
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import statistics
 import time
 
 import torch
-from deepmri.train.segment import RECIPES, build_network
+from dataclasses import replace
+
+from deepmri.train.segment import RECIPES, build_network, grid_at
 from monai.losses import DiceCELoss
 
 
@@ -36,10 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per precision")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--spacing", type=float, help="the grid's voxel size in mm (default 2)")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     torch.manual_seed(0)
     recipe = RECIPES["brain-extraction"]
+    if arguments.spacing:
+        recipe = replace(recipe, **grid_at(recipe, arguments.spacing))
     network = build_network(recipe).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -65,6 +71,8 @@ def main() -> None:
         "seconds_step_fp32": round(statistics.median(times["fp32"]), 3),
         "seconds_step_bf16": round(statistics.median(times["bf16"]), 3),
         "threads": arguments.threads,
+        "spacing_mm": recipe.spacing,
+        "patch": list(recipe.shape),
         "amx_bf16": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
     }
