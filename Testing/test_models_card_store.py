@@ -87,6 +87,8 @@ _DELETE = object()
         ("license", ""),
         ("metrics[0].value", "high"),
         ("tight_labels", [7]),
+        ("part_of", "Not An Id"),
+        ("part_of", ["brain-extraction"]),
     ],
 )
 def test_bad_card_names_the_bad_field(field, value):
@@ -104,6 +106,16 @@ def test_tight_labels_round_trip_and_are_left_out_when_empty():
     data["tight_labels"] = [data["labels"][0]["value"]]
     card = ModelCard.from_dict(data)
     assert ModelCard.from_dict(card.to_dict()).tight_labels == data["tight_labels"]
+
+
+def test_part_of_round_trips_and_names_the_task_in_listings():
+    data = copy.deepcopy(tiny_card())
+    card = ModelCard.from_dict(data)
+    assert "part_of" not in card.to_dict() and card.task_text == "segmentation"
+    data["part_of"] = "brain-extraction"
+    card = ModelCard.from_dict(data)
+    assert ModelCard.from_dict(card.to_dict()).part_of == "brain-extraction"
+    assert card.task_text == "segmentation, part of brain-extraction"
 
 
 def test_card_file_that_is_not_json_says_where(tmp_path):

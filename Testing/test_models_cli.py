@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -59,12 +60,12 @@ def test_list_shows_every_bundled_and_cached_model(home, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["ID", "TASK", "VERSION", "LICENCE", "SOURCE", "STATUS"]
-    rows = {line.split()[0]: line.split() for line in lines[1:]}
-    expected = [(c.id, c.task, c.version, c.license, "bundled") for c in bundled_cards()]
+    rows = {line.split()[0]: re.split(r"\s{2,}", line) for line in lines[1:]}  # 2-space columns
+    expected = [(c.id, c.task_text, c.version, c.license, "bundled") for c in bundled_cards()]
     expected.append(("cli-tiny", "segmentation", "1.2.3", "CC-BY-4.0", "cache"))
     for model_id, task, version, licence, source in expected:
         row = rows[model_id]
-        assert row[1:4] == [task, version, *licence.split()[:1]]
+        assert row[1:3] == [task, version] and row[3].startswith(licence.split()[0])
         assert source in row and row[-1] == "ok"
     code, out, _ = run_cli(capsys, "list", "--json")
     listed = {row["id"]: row for row in json.loads(out)}
@@ -72,6 +73,7 @@ def test_list_shows_every_bundled_and_cached_model(home, capsys):
     for card in bundled_cards():
         assert listed[card.id]["license"] == card.license
         assert listed[card.id]["version"] == card.version
+        assert listed[card.id]["part_of"] == card.part_of
 
 
 def test_list_marks_bundled_models_and_lets_them_win(home, capsys, tmp_path, monkeypatch):

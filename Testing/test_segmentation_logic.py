@@ -403,6 +403,9 @@ def test_the_panels_mask_options_follow_the_model_menu():
     if not {"brain-extraction", "brain-tissue"} <= set(menu):
         pytest.skip("the bundled models are not installed yet")
     extraction, tissue = menu["brain-extraction"], menu["brain-tissue"]
+    parts = {row["id"]: row["task"] for row in logic.list_models() if "part of" in row["task"]}
+    assert parts == {"brain-extraction-fine": "segmentation, part of brain-extraction"}
+    assert not set(parts) & set(menu)  # a part of a model is not offered alone
     assert border_text(extraction) == f"{extraction['csf_border_mm']:g} mm"
     assert border_text(tissue) == "none"
     assert mask_options(extraction, True, -0.5) == {"csf": True, "csf_border_mm": None}

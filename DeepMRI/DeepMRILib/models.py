@@ -180,7 +180,7 @@ class ModelsLogic:
                 {
                     "id": info.id,
                     "version": info.version,
-                    "task": info.task,
+                    "task": info.card.task_text if info.card is not None else info.task,
                     "license": info.license,
                     "metrics": metrics_text(card.get("metrics", [])),
                     "source": _WHERE.get(info.source, info.source),
@@ -196,11 +196,13 @@ class ModelsLogic:
     ) -> list[dict[str, Any]]:
         """Usable models of one task for a menu: id, title, one-line description, whether it
         offers the tight brain mask and its CSF border (mm, None if it draws none); default
-        first."""
+        first. A network that is part of another model (`part_of`) is not offered alone."""
         models = []
         for info in self.store().list():
             if info.card is None or info.status != "ok" or info.task != task:
                 continue  # listed with the reason in the DeepMRI Models module
+            if info.card.part_of:
+                continue  # runs inside the model it is part of
             card = info.card.to_dict()
             labels = ", ".join(label["name"] for label in card.get("labels", []))
             title = card["id"].replace("-", " ").capitalize()

@@ -16,10 +16,9 @@ import argparse
 import json
 import statistics
 import time
-
-import torch
 from dataclasses import replace
 
+import torch
 from deepmri.train.segment import RECIPES, build_network, grid_at
 from monai.losses import DiceCELoss
 

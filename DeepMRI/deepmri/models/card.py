@@ -125,6 +125,9 @@ class ModelCard:
     # "csf_border" post-processing step drops predicted CSF beyond it, as the training labels drop
     # CSF beyond their own border (deepmri.train.labels.CSF_BORDER_MM).
     csf_border_mm: float | None = None
+    # The id of the model that averages with this one (its `inference.average_with`): a part, not
+    # a model to pick alone, so task menus leave it out; listings say whose part it is.
+    part_of: str = ""
     metrics: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     citation: str = ""
@@ -138,6 +141,12 @@ class ModelCard:
     @property
     def patch_size(self) -> list[int]:
         return [int(v) for v in self.inference["patch_size"]]
+
+    @property
+    def task_text(self) -> str:
+        """The task as listings show it: "segmentation", or "segmentation, part of X" for a
+        network that ships inside another model."""
+        return f"{self.task}, part of {self.part_of}" if self.part_of else self.task
 
     @property
     def weights_format(self) -> str:
@@ -191,6 +200,9 @@ class ModelCard:
             )
         if "csf_border" in postprocessing and csf_border_mm is None:
             raise _fail("csf_border_mm", "the border of the 'csf_border' step", csf_border_mm)
+        part_of = data.get("part_of") or ""
+        if not isinstance(part_of, str) or (part_of and not _ID.match(part_of)):
+            raise _fail("part_of", "the id of the model that averages with this one", part_of)
         metrics = data.get("metrics") or []
         _validate_metrics(metrics)
         known = set(cls.__dataclass_fields__) - {"extra"}
@@ -208,6 +220,7 @@ class ModelCard:
             postprocessing=list(postprocessing),
             tight_labels=[int(value) for value in tight_labels],
             csf_border_mm=None if csf_border_mm is None else float(csf_border_mm),
+            part_of=part_of,
             metrics=list(metrics),
             training=dict(data.get("training") or {}),
             citation=str(data.get("citation") or ""),
@@ -229,6 +242,7 @@ class ModelCard:
             "labels": [label.to_dict() for label in self.labels],
             **({"tight_labels": self.tight_labels} if self.tight_labels else {}),
             **({"csf_border_mm": self.csf_border_mm} if self.csf_border_mm is not None else {}),
+            **({"part_of": self.part_of} if self.part_of else {}),
             "metrics": self.metrics,
             "training": self.training,
             "license": self.license,
