@@ -654,16 +654,21 @@ def test_a_card_that_averages_with_another_model_draws_the_mean_of_both_on_the_i
     store = _averaging_store(tmp_path)
     image = blob_image()
 
-    def brain_probability(model: str) -> tuple[np.ndarray, dict]:
+    def brain_probability(model: str) -> tuple[np.ndarray, np.ndarray, dict]:
         result = segment(image, model, store=store, probabilities=True, uncertainty=True)
-        return sitk.GetArrayFromImage(result.probabilities["Brain"]), result.provenance
+        spread = sitk.GetArrayFromImage(result.uncertainty)
+        return sitk.GetArrayFromImage(result.probabilities["Brain"]), spread, result.provenance
 
-    averaged, provenance = brain_probability("test-brain")
-    alone, _ = brain_probability("test-brain-alone")
-    member, _ = brain_probability("test-member")
+    averaged, spread, provenance = brain_probability("test-brain")
+    alone, alone_spread, _ = brain_probability("test-brain-alone")
+    member, member_spread, _ = brain_probability("test-member")
     assert [m["id"] for m in provenance["models"]] == ["test-brain", "test-member"]
     np.testing.assert_allclose(averaged, (alone + member) / 2, atol=1e-5)
     assert np.abs(alone - member).max() > 0.5  # the two thresholds disagree somewhere
+    # Each threshold is sure of itself under flips; the pair's spread is their disagreement: the
+    # standard deviation of two values is half their difference.
+    assert alone_spread.max() < 1e-3 and member_spread.max() < 1e-3
+    np.testing.assert_allclose(spread, np.abs(alone - member) / 2, atol=1e-3)
     result = segment(image, "test-brain", store=store)
     assert same_geometry(result.labels, image, tolerance=0.0)
     card = store.get("test-brain").card.to_dict()

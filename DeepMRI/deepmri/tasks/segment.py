@@ -47,7 +47,7 @@ BRAIN_TISSUE = "brain-tissue"
 @dataclass
 class _ModelOutput:
     probabilities: np.ndarray  # (C, k, j, i) on the input grid, summing to 1 over C
-    uncertainty: np.ndarray | None  # (k, j, i) on the input grid
+    uncertainty: np.ndarray | None  # (C, k, j, i) on the input grid: each class's spread
     card: dict[str, Any]
     members: tuple[dict[str, Any], ...] = ()  # the cards averaged in (`average_with`)
 
@@ -324,8 +324,9 @@ def _run_averaged(
     Networks trained on different grids draw the brain's edge at different places; the mean of
     their probabilities on the input grid is drawn with this card's labels and steps. Each member
     runs on its own card's grid (its own `average_with` is not followed) and must have this
-    card's labels, checked before its networks run. The uncertainty map is the largest
-    of the members' flip spreads.
+    card's labels, checked before its networks run. The uncertainty is the spread over every
+    pass of every network (`_pooled_spread`), so where the networks disagree it is high even if
+    each is sure of itself.
     """
     card = _card_dict(model)
     members = [store.get(name) for name in card.get("inference", {}).get("average_with", [])]
@@ -351,13 +352,23 @@ def _run_averaged(
     ]
     if not members:
         return outputs[0]
-    spreads = [output.uncertainty for output in outputs if output.uncertainty is not None]
     return _ModelOutput(
         np.mean([output.probabilities for output in outputs], axis=0),
-        np.max(spreads, axis=0) if spreads else None,
+        _pooled_spread(outputs),
         outputs[0].card,
         tuple(output.card for output in outputs[1:]),
     )
+
+
+def _pooled_spread(outputs: list[_ModelOutput]) -> np.ndarray | None:
+    """Each class's standard deviation over the passes of all the networks averaged, each network
+    weighing the same: the law of total variance, the mean of the networks' own (flip) variances
+    plus the variance of their mean probabilities. None unless every network gave a spread."""
+    if any(output.uncertainty is None for output in outputs):
+        return None
+    within = np.mean([np.square(output.uncertainty) for output in outputs], axis=0)
+    between = np.var([output.probabilities for output in outputs], axis=0)
+    return np.sqrt(within + between).astype(np.float32)
 
 
 def _label_values(card: dict[str, Any]) -> list[int]:
@@ -409,8 +420,7 @@ def _run_model(
     class_probabilities /= np.clip(class_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
     spread = None
     if result.uncertainty is not None:
-        per_class = _back_to_input_grid(result.uncertainty[0].numpy(), model_grid, steps, trace)
-        spread = per_class.max(axis=0)
+        spread = _back_to_input_grid(result.uncertainty[0].numpy(), model_grid, steps, trace)
     return _ModelOutput(class_probabilities, spread, card)
 
 
@@ -578,7 +588,8 @@ def _assemble_result(
         }
     uncertainty_image = None
     if with_uncertainty and output.uncertainty is not None:
-        uncertainty_image = _like(output.uncertainty, image, sitk.sitkFloat32)
+        # One map: the largest spread of any class (where any of them is in doubt).
+        uncertainty_image = _like(output.uncertainty.max(axis=0), image, sitk.sitkFloat32)
     return SegmentationResult(
         labels=labels,
         label_info=label_info,
