@@ -52,6 +52,13 @@ def sources():
     return {"mni": mni_source()}
 
 
+@pytest.fixture(scope="module")
+def sources_file(sources, tmp_path_factory):
+    """The tissue recipe's label maps built once for the module's tiny runs (~14 s a build);
+    the runs that test building them pass `sources_file=None`."""
+    return save_sources(sources, tmp_path_factory.mktemp("sources") / "brain-tissue.npz")
+
+
 def _mni_only(params: GeneratorParameters) -> GeneratorParameters:
     params.source = "mni"
     return params
@@ -246,7 +253,7 @@ def test_tissue_targets_have_three_classes_inside_a_zero_background(sources):
     assert (image[target == 0] == 0).mean() > 0.8 and image.min() >= 0
 
 
-def test_two_iteration_training_run_writes_a_loadable_model(tmp_path):
+def test_two_iteration_training_run_writes_a_loadable_model(tmp_path, sources_file):
     from deepmri.train.segment import export, train
     from safetensors.torch import load_file
 
@@ -286,6 +293,7 @@ def test_two_iteration_training_run_writes_a_loadable_model(tmp_path):
         workers=0,
         validation_size=1,
         recipe_overrides={"shape": (32, 32, 32), "spacing": 5.0, "channels": (4, 8, 16, 32)},
+        sources_file=sources_file,  # the first run built them from the label code
         command="test resume",
     )
     assert resumed["iteration"] == 3 and resumed["commands"] == ["test", "test resume"]
@@ -294,17 +302,20 @@ def test_two_iteration_training_run_writes_a_loadable_model(tmp_path):
 TINY = {"shape": (32, 32, 32), "spacing": 5.0, "channels": (4, 8, 16, 32)}
 
 
-def _tiny_run(path, **options):
+def _tiny_run(path, sources_file, **options):
     from deepmri.train.segment import train
 
     torch.set_num_threads(1)
     settings = dict(seed=4, threads=1, workers=0, validation_size=1, recipe_overrides=TINY)
+    settings["sources_file"] = sources_file
     return train(BRAIN_TISSUE, path, command="test", **(settings | options))
 
 
-def test_a_run_is_defined_by_its_iterations_not_the_clock(tmp_path):
-    first = _tiny_run(tmp_path / "a", max_iterations=3, validation_every=2)
-    second = _tiny_run(tmp_path / "b", max_iterations=3, validation_every=2, minutes=60.0)
+def test_a_run_is_defined_by_its_iterations_not_the_clock(tmp_path, sources_file):
+    first = _tiny_run(tmp_path / "a", sources_file, max_iterations=3, validation_every=2)
+    second = _tiny_run(
+        tmp_path / "b", sources_file, max_iterations=3, validation_every=2, minutes=60.0
+    )
     weights = [torch.load(tmp_path / run / "best.pt", weights_only=True) for run in "ab"]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     # Validation at iteration 0 (the starting weights), every 2 iterations and at the end.
@@ -312,10 +323,10 @@ def test_a_run_is_defined_by_its_iterations_not_the_clock(tmp_path):
     assert second["iteration"] == 3
 
 
-def test_init_from_copies_weights_and_widens_the_output_layer(tmp_path):
+def test_init_from_copies_weights_and_widens_the_output_layer(tmp_path, sources_file):
     from deepmri.train.segment import RECIPES, build_network, export, load_initial_weights
 
-    _tiny_run(tmp_path / "run", max_iterations=2)
+    _tiny_run(tmp_path / "run", sources_file, max_iterations=2)
     card = export(tmp_path / "run", tmp_path / "model")
     assert card["training"]["cumulative_iterations"] == 2
     narrow = build_network(replace(RECIPES[BRAIN_TISSUE], **TINY))
@@ -334,7 +345,9 @@ def test_init_from_copies_weights_and_widens_the_output_layer(tmp_path):
     assert torch.allclose(after[:, :4], before, atol=1e-5)
     assert torch.allclose(after[:, 4], before[:, 3], atol=1e-5)
     # A warm start continues the cumulative count on the card.
-    state = _tiny_run(tmp_path / "warm", max_iterations=1, init_from=tmp_path / "model")
+    state = _tiny_run(
+        tmp_path / "warm", sources_file, max_iterations=1, init_from=tmp_path / "model"
+    )
     assert state["prior"]["iterations"] == 2
     warm = export(tmp_path / "warm", tmp_path / "warm-model")
     assert warm["training"]["cumulative_iterations"] == 3
@@ -367,22 +380,22 @@ def test_the_card_counts_the_training_behind_the_best_weights_not_the_last_step(
     assert _behind_best(state | {"best_iteration": None})["iterations"] == 5000
 
 
-def test_a_warm_start_from_best_pt_counts_the_training_behind_it(tmp_path):
+def test_a_warm_start_from_best_pt_counts_the_training_behind_it(tmp_path, sources_file):
     from deepmri.train.segment import RECIPES, build_network, load_initial_weights
 
-    state = _tiny_run(tmp_path / "run", max_iterations=3, validation_every=2)
+    state = _tiny_run(tmp_path / "run", sources_file, max_iterations=3, validation_every=2)
     network = build_network(replace(RECIPES[BRAIN_TISSUE], **TINY))
     prior = load_initial_weights(network, tmp_path / "run" / "best.pt")
     assert prior["iterations"] == state["best_iteration"] and prior["commands"] == ["test"]
 
 
-def test_a_weight_average_is_what_is_validated_kept_and_exported(tmp_path):
+def test_a_weight_average_is_what_is_validated_kept_and_exported(tmp_path, sources_file):
     from deepmri.train.segment import export
 
-    _tiny_run(tmp_path / "start", max_iterations=1)
+    _tiny_run(tmp_path / "start", sources_file, max_iterations=1)
     export(tmp_path / "start", tmp_path / "model")
     options = dict(init_from=tmp_path / "model", ema=0.999999)
-    _tiny_run(tmp_path / "run", max_iterations=3, **options)
+    _tiny_run(tmp_path / "run", sources_file, max_iterations=3, **options)
     start = torch.load(tmp_path / "start" / "best.pt", weights_only=True)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
@@ -393,7 +406,7 @@ def test_a_weight_average_is_what_is_validated_kept_and_exported(tmp_path):
     # Averaged with a decay this close to 1, the kept weights stay at the start; trained ones moved.
     assert farthest(best) < 2e-3 < farthest(saved["network"])
     assert int(saved["averaged"]["n_averaged"]) == 4  # the start, then one per iteration
-    resumed = _tiny_run(tmp_path / "run", max_iterations=4, resume=True)
+    resumed = _tiny_run(tmp_path / "run", sources_file, max_iterations=4, resume=True)
     assert resumed["ema"] == 0.999999
     assert farthest(torch.load(tmp_path / "run" / "best.pt", weights_only=True)) < 2e-3
     card = export(tmp_path / "run", tmp_path / "averaged")
@@ -420,10 +433,10 @@ def test_the_weight_average_warms_its_decay_up_only_when_asked():
         weight_average(network, 1.0)
 
 
-def test_export_keeps_metrics_only_for_the_same_weights(tmp_path):
+def test_export_keeps_metrics_only_for_the_same_weights(tmp_path, sources_file):
     from deepmri.train.segment import export
 
-    _tiny_run(tmp_path / "run", max_iterations=1)
+    _tiny_run(tmp_path / "run", sources_file, max_iterations=1)
     card = export(tmp_path / "run", tmp_path / "model")
     card_path = tmp_path / "model" / "card.json"
     measured = json.loads(card_path.read_text()) | {"metrics": [{"name": "x", "value": 0.5}]}
@@ -566,7 +579,7 @@ assert "SimpleITK" not in sys.modules
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--sources FILE" in result.stdout
-    _tiny_run(tmp_path / "built", max_iterations=2)  # the same run from label maps built here
+    _tiny_run(tmp_path / "built", None, max_iterations=2)  # the same run from label maps built here
     weights = [
         torch.load(tmp_path / run / "best.pt", weights_only=True) for run in ("file", "built")
     ]
