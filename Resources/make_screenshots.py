@@ -11,6 +11,9 @@ With `--planes`, one row per input (repeat --input/--labels; optional --referenc
 a yellow outline): the mid-sagittal, coronal and axial slices through the brain's centre and the
 lowest axial slice of the reference that holds brain, where a cut-off lower edge shows.
 `--at R A S` puts the first three through that point (RAS mm) instead, to show one place.
+`--foreground` (one per input) lays a map over each row as the modules' *Overlay map* shows it
+(half-transparent, Iron colours), read as the segment task's uncertainty map; the labels are then
+drawn as outlines only.
 """
 
 from __future__ import annotations
@@ -102,10 +105,12 @@ def render_planes(
     references: list[Path] | None = None,
     titles: list[str] | None = None,
     at: list[float] | None = None,
+    foregrounds: list[Path] | None = None,
 ) -> Path:
     """Rows of four slice views (mid-sagittal, coronal, axial, lowest axial) per input.
 
     `at` (RAS mm): the sagittal, coronal and axial views pass through that point instead.
+    `foregrounds`: a map per input laid over its row (`_show_map`).
     """
     from DeepMRILib import mrml
     from make_task_screenshots import _captioned
@@ -119,8 +124,10 @@ def render_planes(
     }
     for view in views.values():
         view.render_window().SetSize(VIEW_SIZE, VIEW_SIZE)
-    if len(inputs) != len(labels) or (references and len(references) != len(inputs)):
-        raise SystemExit("give as many --labels (and --reference) as --input")
+    if len(inputs) != len(labels) or any(
+        extra and len(extra) != len(inputs) for extra in (references, foregrounds)
+    ):
+        raise SystemExit("give as many --labels (and --reference, --foreground) as --input")
     card = json.loads(card_path.read_text())
     rows = []
     shown = []
@@ -136,7 +143,7 @@ def render_planes(
             sitk.ReadImage(str(labels_path)), card["labels"], app.scene, f"labels {row}",
             reference_node=volume,
         )  # fmt: skip
-        segmentation.GetDisplayNode().SetOpacity2DFill(0.35)
+        segmentation.GetDisplayNode().SetOpacity2DFill(0.0 if foregrounds else 0.35)
         shown = [segmentation]
         reference_path = references[row] if references else labels_path
         if references:
@@ -149,6 +156,8 @@ def render_planes(
             outline.GetDisplayNode().SetSliceIntersectionThickness(2)
             shown.append(outline)
         app.display_manager.show_volume_in_slice_background(volume)
+        if foregrounds:
+            _show_map(app, foregrounds[row])
         app.display_manager.reset_views()
         centre, lowest = _ras_centre_and_lowest(reference_path)
         name = titles[row] if titles else input_path.name
@@ -184,6 +193,16 @@ def render_planes(
     return output
 
 
+def _show_map(app, path: Path, output: str = "uncertainty") -> None:
+    """A map over the slice views as the modules' *Overlay map* shows it (`show_overlay`), the
+    node named as the task logic names that output (its range follows the name)."""
+    from DeepMRILib.tasklogic import OUTPUT_ATTRIBUTE, show_overlay
+
+    node = app.io_manager.load_volumes([str(path)])[0]
+    node.SetAttribute(OUTPUT_ATTRIBUTE, output)
+    show_overlay(app.scene, node)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, nargs="+", required=True)
@@ -191,6 +210,7 @@ def main() -> None:
     parser.add_argument("--planes", action="store_true", help="rows of four planes per input")
     parser.add_argument("--reference", type=Path, nargs="*", help="masks drawn as an outline")
     parser.add_argument("--titles", nargs="*", help="row captions")
+    parser.add_argument("--foreground", type=Path, nargs="*", help="maps laid over, one per input")
     parser.add_argument(
         "--at", type=float, nargs=3, metavar=("R", "A", "S"), help="slices through this point"
     )
@@ -203,7 +223,7 @@ def main() -> None:
         print(
             render_planes(
                 arguments.input, arguments.labels, arguments.card, arguments.output,
-                arguments.reference, arguments.titles, arguments.at,
+                arguments.reference, arguments.titles, arguments.at, arguments.foreground,
             )
         )  # fmt: skip
         return

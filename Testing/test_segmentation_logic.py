@@ -105,6 +105,23 @@ def test_probabilities_and_uncertainty_become_volumes_on_the_input_grid(scene, i
     assert len(outputs.all_nodes) == 5
 
 
+def test_an_overlay_map_colours_its_whole_range_and_leaves_near_zero_clear(scene, input_node):
+    # Auto window/level on a map that is ~0 almost everywhere washed the whole view in colour.
+    outputs = threshold_logic(scene).run(input_node, wanted=["probability", "uncertainty"])
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    for key, (low, high) in (("probability-middle", (0.0, 1.0)), ("uncertainty", (0.0, 0.5))):
+        node = outputs.nodes[key]
+        tasklogic.show_overlay(scene, node)
+        display = node.GetDisplayNode()
+        assert composite.GetForegroundVolumeID() == node.GetID()
+        assert not display.GetAutoWindowLevel()
+        assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (low, high)
+        assert display.GetApplyThreshold()
+        assert display.GetLowerThreshold() == pytest.approx(0.05 * high)
+    tasklogic.show_overlay(scene, node, show=False)
+    assert not composite.GetForegroundVolumeID()
+
+
 def test_roi_segments_only_inside_it_and_pastes_into_the_full_grid(scene, input_node):
     full = mrml.image_from_volume_node(input_node)
     # Voxels i 10..19, j 8..17, k 6..11: corner voxel centres, the ROI reaching half a voxel beyond.

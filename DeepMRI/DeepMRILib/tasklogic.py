@@ -475,7 +475,8 @@ class TaskLogic:
 
 def show_overlay(scene: Any, volume: Any | None, show: bool = True) -> None:
     """A map (a probability 0..1, an uncertainty) half-transparent over the slice views, Iron
-    colours; with `show` False, a DeepMRI map shown there is taken away (others are kept)."""
+    colours over the map's whole range, near-zero values not drawn; with `show` False, a DeepMRI
+    map shown there is taken away (others are kept)."""
     composites = _nodes_of_class(scene, "vtkMRMLSliceCompositeNode")
     if not show or volume is None:
         for composite in composites:
@@ -486,12 +487,28 @@ def show_overlay(scene: Any, volume: Any | None, show: bool = True) -> None:
     display = volume.GetDisplayNode()
     if display is not None:
         display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
-        if "probability" in (volume.GetAttribute(OUTPUT_ATTRIBUTE) or ""):
+        shown_range = _overlay_range(volume.GetAttribute(OUTPUT_ATTRIBUTE) or "")
+        if shown_range is not None:
+            low, high = shown_range
             display.AutoWindowLevelOff()
-            display.SetWindowLevelMinMax(0.0, 1.0)
+            display.SetWindowLevelMinMax(low, high)
+            # Near-zero voxels (most of the head) left transparent: the scan shows through and
+            # only where the map says something is coloured.
+            display.SetApplyThreshold(True)
+            display.SetThreshold(low + 0.05 * (high - low), high)
     for composite in composites:
         composite.SetForegroundVolumeID(volume.GetID())
         composite.SetForegroundOpacity(0.5)
+
+
+def _overlay_range(output: str) -> tuple[float, float] | None:
+    """The values a map can take, by its output name: a probability 0-1; the segment task's
+    uncertainty, a probability's standard deviation, 0-0.5. None for other maps."""
+    if output.startswith("probability"):
+        return 0.0, 1.0
+    if output == "uncertainty":
+        return 0.0, 0.5
+    return None
 
 
 def _is_segmentation(node: Any) -> bool:

@@ -10,8 +10,9 @@ MODEL: a brain-extraction model id or folder (default the bundled one).
 
     python Testing/benchmarks/render_brain_masks.py --write-cases DIR
 
-writes the Colin27 variants, their reference masks and the segment task's brain and tissue labels
-(the bundled models) to DIR, for Slicer's own views (Resources/make_screenshots.py --planes).
+writes the Colin27 variants, their reference masks, the segment task's brain and tissue labels
+(the bundled models) and brain extraction's uncertainty map to DIR, for Slicer's own views
+(Resources/make_screenshots.py --planes [--foreground]).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def write_cases(folder: Path) -> None:
         mask = sitk.GetImageFromArray(reference.astype(np.uint8))
         mask.CopyInformation(image)
         sitk.WriteImage(mask, str(folder / f"{name}_reference.nii.gz"))
-        for model, suffix in ((BRAIN_EXTRACTION, "brain"), (BRAIN_TISSUE, "tissue")):
-            labels = segment(image, model, device="cpu").labels
-            sitk.WriteImage(labels, str(folder / f"{name}_{suffix}.nii.gz"))
+        brain = segment(image, BRAIN_EXTRACTION, device="cpu", uncertainty=True)
+        sitk.WriteImage(brain.labels, str(folder / f"{name}_brain.nii.gz"))
+        sitk.WriteImage(brain.uncertainty, str(folder / f"{name}_brain_uncertainty.nii.gz"))
+        tissue = segment(image, BRAIN_TISSUE, device="cpu").labels
+        sitk.WriteImage(tissue, str(folder / f"{name}_tissue.nii.gz"))
         print(f"wrote {name}", flush=True)
 
 
