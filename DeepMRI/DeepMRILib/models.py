@@ -180,7 +180,7 @@ class ModelsLogic:
                 {
                     "id": info.id,
                     "version": info.version,
-                    "task": info.card.task_text if info.card is not None else info.task,
+                    "task": info.task_text,
                     "license": info.license,
                     "metrics": metrics_text(card.get("metrics", [])),
                     "source": _WHERE.get(info.source, info.source),

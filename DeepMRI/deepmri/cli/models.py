@@ -119,10 +119,7 @@ def run_list(arguments: argparse.Namespace) -> int:
         print("No models found. Add one with 'deepmri models fetch' or 'deepmri models import'.")
         return 0
     table = [("ID", "TASK", "VERSION", "LICENCE", "SOURCE", "STATUS")]
-    table += [
-        (r.id, r.card.task_text if r.card else r.task, r.version, r.license, r.source, r.status)
-        for r in rows
-    ]
+    table += [(r.id, r.task_text, r.version, r.license, r.source, r.status) for r in rows]
     print(format_table(table))
     return 0
 

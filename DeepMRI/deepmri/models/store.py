@@ -35,6 +35,11 @@ class ModelInfo:
     status: str  # "ok", "weights missing", or the card error
     card: ModelCard | None = None  # None where the card is invalid (see status)
 
+    @property
+    def task_text(self) -> str:
+        """The task as listings show it (`ModelCard.task_text`; the bare task without a card)."""
+        return self.card.task_text if self.card is not None else self.task
+
 
 class ModelStore:
     """Finds models in the bundled folder, the user's cache and extra paths (first found wins).
