@@ -6,7 +6,9 @@ background, as the training labels drop CSF beyond `CSF_BORDER_MM`. Scored on th
 recipe's own validation images (seeds 900000000+i, never trained on; no Colin27). For each
 border: Dice of the default mask (labels > 0) against the target's, the mask's volume farther
 than `CSF_BORDER_MM` from the target's tight brain (mL, the synthetic twin of the evaluation's
-leak figure) and the share of the target's tight brain inside the mask. Every run takes the
+leak figure) and the share of the target's tight brain inside the mask, and the mask's Dice against the target's
+tight brain (the twin of scoring a default mask against a tight reference); the first line,
+"target", scores the targets themselves so, a perfect network's figures. Every run takes the
 card's other steps (largest component, filled holes) and its left-right mean. The card takes
 the border of best mask Dice. Last line: JSON.
 
@@ -55,10 +57,13 @@ def mask_figures(
     prediction: np.ndarray, reference: np.ndarray, tight: np.ndarray, spacing: np.ndarray
 ) -> dict[str, float]:
     """The evaluation's figures: Dice against the target's default mask, leak and coverage
-    against its tight brain."""
+    against its tight brain, and Dice against the tight brain (`dice_tight`, the synthetic twin
+    of the evaluation's default-mask Dice against the tight ch2bet: how much a border costs when
+    the reference holds no CSF)."""
     mask = prediction > 0
     return {
         "dice": dice(mask, reference),
+        "dice_tight": dice(mask, tight),
         "leak_ml": leak_ml(mask, tight, spacing, CSF_BORDER_MM),
         "coverage": coverage(mask, tight),
     }
@@ -77,7 +82,8 @@ def summarise(figures: dict[str, list[dict[str, float]]]) -> dict[str, float]:
         results[f"{name}_leak_ml_median"] = round(float(np.median(leaks)), 2)
         results[f"{name}_leak_ml_max"] = round(max(leaks), 2)
         print(
-            f"{name:{width}s} dice {results[f'{name}_dice']:.4f} leak {results[f'{name}_leak_ml']:.2f}"
+            f"{name:{width}s} dice {results[f'{name}_dice']:.4f} (against the tight brain "
+            f"{results[f'{name}_dice_tight']:.4f}) leak {results[f'{name}_leak_ml']:.2f}"
             f" mL (median {results[f'{name}_leak_ml_median']:.2f}, max "
             f"{results[f'{name}_leak_ml_max']:.2f}) coverage {results[f'{name}_coverage']:.4f}"
         )
@@ -173,10 +179,13 @@ def main() -> None:
         cases = input_grid_labels(
             model, recipe, sources, arguments.images, without_border, arguments.input_spacing
         )
-    figures: dict[str, list[dict[str, float]]] = {name: [] for name in borders}
+    # "target": the labels themselves scored as a prediction, what a network that drew its
+    # training convention perfectly would score on each figure.
+    figures: dict[str, list[dict[str, float]]] = {name: [] for name in ["target", *borders]}
     start = time.perf_counter()
     for labels, target in cases:
         reference, tight = target > 0, ndimage.binary_fill_holes(target == 1)
+        figures["target"].append(mask_figures(reference, reference, tight, spacing))
         for name, border in borders.items():
             # The card's last step, as the task draws it (brain-extraction's label values are
             # its class indices, so one call serves the network's grid and the task's output).
