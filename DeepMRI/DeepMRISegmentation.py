@@ -9,11 +9,12 @@ from typing import Annotated
 
 import qt
 import slicer
-from DeepMRILib.models import SavedSettings, border_text, mask_options
-from DeepMRILib.tasklogic import TASK_ATTRIBUTE, TaskLogic, show_overlay
+from DeepMRILib.models import DEVICES, SavedSettings, border_text, mask_options
+from DeepMRILib.tasklogic import TASK_ATTRIBUTE, TaskLogic, overlay_range, show_overlay
 from DeepMRILib.widgets import (
     PanelMixin,
     ParameterNodeLogic,
+    chosen_outputs,
     click_apply_until_done,
     run_self_tests,
 )
@@ -27,8 +28,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
-DEVICES = ["auto", "cpu", "cuda", "mps"]
 
 
 class DeepMRISegmentation(ScriptedLoadableModule):
@@ -44,8 +43,8 @@ class DeepMRISegmentation(ScriptedLoadableModule):
 <p>Segments a 3D brain MRI with a deep learning model: <b>brain tissue</b> (cerebrospinal fluid,
 grey matter, white matter; the brain is extracted first) or <b>brain extraction</b> (brain mask).
 The result is a new segmentation with one named, coloured segment per structure, shown over the
-input in the slice views and as a 3D surface. Optional outputs: a probability map per structure
-and an uncertainty map (how much the prediction changes when the image is mirrored).</p>
+input in 2D and 3D. Optional: a probability map per structure, an uncertainty map (how much the
+prediction changes when the image is mirrored) and the skull-stripped input (0 outside).</p>
 <p><b>Input:</b> one 3D MRI volume of the head or brain, any contrast (T1, T2, FLAIR, PD),
 resolution and orientation; whole-head and skull-stripped scans both work. Optionally a markups
 ROI (box) to segment only the region inside it. The input is never modified.</p>
@@ -67,23 +66,21 @@ and other openly licensed data named on each model card.
 class DeepMRISegmentationParameterNode:
     """Everything the module panel shows; saved with the scene.
 
-    inputVolume - the MRI to segment. model - the model id. roi - optional box limiting the region.
-    includeCsf - brain mask with the CSF around the brain (off: the tight brain, for models with
-    both conventions). csfBorderMm - how far that CSF may reach beyond the tight brain; below 0
-    (the box shows "model default") the model card's border.
-    device - where to run (auto, cpu, cuda, mps). probabilities/uncertainty - extra outputs.
-    outputSegmentation - the latest result. overlayVolume/showOverlay - a probability or
-    uncertainty map shown over the input in the slice views.
+    roi - optional box limiting the region. includeCsf - the mask holds the CSF around the brain
+    (off: the tight brain). csfBorderMm - how far that CSF may reach; below 0 the card's border.
+    probabilities/uncertainty/stripped - extra outputs (the last a skull-stripped input).
+    overlayVolume/showOverlay - a probability or uncertainty map over the input.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = "brain-tissue"
     roi: vtkMRMLMarkupsROINode
-    device: Annotated[str, Choice(DEVICES)] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
     includeCsf: bool = True
     csfBorderMm: float = -0.5
     probabilities: bool = False
     uncertainty: bool = False
+    stripped: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     overlayVolume: vtkMRMLScalarVolumeNode
     showOverlay: bool = False
@@ -151,13 +148,17 @@ class DeepMRISegmentationWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObs
                 parameters.csfBorderMm,
             ),
             roi_node=parameters.roi,
-            wanted=[name for name in ("probability", "uncertainty") if getattr(parameters, name)],
+            wanted=chosen_outputs(
+                probability=parameters.probabilities,
+                uncertainty=parameters.uncertainty,
+                stripped=parameters.stripped,
+            ),
         )
 
     def _showResult(self, outputs) -> None:
         if self.parameters:
             self.parameters.outputSegmentation = outputs.segmentation
-            maps = [node for key, node in outputs.nodes.items() if key != "labels"]
+            maps = [node for key, node in outputs.nodes.items() if overlay_range(key)]
             self.parameters.overlayVolume = maps[0] if maps else None
         self.showDone(outputs)
 

@@ -22,7 +22,8 @@ from deepmri.models.card import CardError, ModelCard
 from deepmri.nets import register_architecture
 from deepmri.progress import CancelToken
 from deepmri.settings import Settings
-from deepmri.tasks.base import TaskError
+from deepmri.tasks import get_task
+from deepmri.tasks.base import RunContext, TaskError
 from deepmri.tasks.segment import postprocess_labels, segment
 from monai.networks.nets import UNet
 
@@ -132,6 +133,33 @@ def test_tissue_model_runs_inside_the_mask_model_and_returns_extras(store):
     assert result.volumes_ml()["White matter"] > 0
 
 
+def test_the_stripped_output_is_the_input_inside_the_mask_and_zero_outside(store):
+    # SynthStrip's -o: the scan itself, same pixel type and grid, not a resampled copy.
+    image = sitk.Cast(blob_image(), sitk.sitkUInt16)
+    image.SetMetaData("descrip", "scan 7")
+    before = sitk.GetArrayFromImage(image).copy()
+    task = get_task("segment")
+    result = task(
+        {"image": image}, {"model": "test-brain"}, RunContext(store=store, wanted={"stripped"})
+    )
+    stripped, labels = result.images["stripped"], sitk.GetArrayFromImage(result.images["labels"])
+    assert stripped.GetPixelID() == sitk.sitkUInt16 and same_geometry(stripped, image, 0.0)
+    assert stripped.GetMetaData("descrip") == "scan 7"
+    values = sitk.GetArrayFromImage(stripped)
+    assert 0 < (labels > 0).mean() < 0.5  # a mask with voxels on both sides
+    np.testing.assert_array_equal(values[labels > 0], before[labels > 0])
+    assert not values[labels == 0].any()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), before)
+    unasked = task({"image": image}, {"model": "test-brain"}, RunContext(store=store))
+    assert "stripped" not in unasked.images
+
+
+def test_masking_a_scan_of_another_grid_is_refused(store):
+    result = segment(blob_image(), "test-brain", store=store)
+    with pytest.raises(InvalidImageError, match="grid of the labels"):
+        result.masked(blob_image(spacing=(1.0, 1.1, 2.5)))
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -183,9 +211,11 @@ def test_cli_writes_labels_on_the_input_grid(tmp_path, unet_model_path):
     done = run_cli(
         "segment", str(tmp_path / "scan.nrrd"), "-o", str(tmp_path / "labels.nii.gz"),
         "--model", "test-unet", "--device", "cpu", "--probabilities", str(tmp_path / "probs"),
-        "--uncertainty", str(tmp_path / "std.nrrd"), env_extra=env,
+        "--uncertainty", str(tmp_path / "std.nrrd"), "--stripped", env_extra=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    # Without a path, the stripped scan is written beside the labels, under its output's name.
+    assert same_geometry(read_image(tmp_path / "stripped.nii.gz"), image, tolerance=1e-5)
     assert same_geometry(read_image(tmp_path / "labels.nii.gz"), image, tolerance=1e-5)
     # The flags the README and the docs use keep working, with the one naming scheme.
     assert [p.name for p in (tmp_path / "probs").iterdir()] == ["probability-foreground.nii.gz"]

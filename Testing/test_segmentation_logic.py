@@ -400,8 +400,16 @@ def test_the_users_csf_border_reaches_the_bundled_brain_extraction_through_the_l
     image = _real_head()
     node = mrml.volume_node_from_image(image, scene, "anatomical")
     logic = tasklogic.TaskLogic("segment", scene)
-    outputs = logic.run(node, model="brain-extraction", csf_border_mm=0.0, config=CPU)
+    outputs = logic.run(
+        node, model="brain-extraction", csf_border_mm=0.0, config=CPU, wanted=["stripped"]
+    )
     labels = sitk.GetArrayFromImage(mrml.labels_from_segmentation_node(outputs.segmentation, node))
+    # The skull-stripped scan a user asks for in the panel: a volume of the input inside the mask.
+    stripped = outputs.nodes["stripped"]
+    assert stripped.GetName() == "anatomical stripped (brain extraction)"
+    kept = sitk.GetArrayFromImage(mrml.image_from_volume_node(stripped))
+    original = sitk.GetArrayFromImage(image)
+    np.testing.assert_array_equal(kept, np.where(labels > 0, original, 0))
     direct = segment(image, "brain-extraction", device="cpu", csf_border_mm=0.0)
     default = sitk.GetArrayFromImage(segment(image, "brain-extraction", device="cpu").labels)
     np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(direct.labels))

@@ -294,3 +294,49 @@ def test_models_library_calls_fetch_and_import_with_arguments_they_accept(
     except (ImportError, AttributeError):
         pytest.skip(f"{module_name}.{function} is not written yet")
     assert keywords <= set(inspect.signature(target).parameters)
+
+
+def _parameter_fields(module: str) -> set[str]:
+    wrapper = _classes(_tree(module))[f"{module}ParameterNode"]
+    return {s.target.id for s in wrapper.body if isinstance(s, ast.AnnAssign)}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_panel_reads_only_parameter_node_fields_that_exist(module):
+    # A misspelt field fails only when a user clicks in Slicer (the wrapper has no such
+    # attribute), so every read of the parameter node is checked here, and none is by a name
+    # built at run time, which this check could not see.
+    widget = _classes(_tree(module))[f"{module}Widget"]
+    holders = {"parameters", "self.parameters", "self._parameterNode"}
+    read = {
+        node.attr
+        for node in ast.walk(widget)
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) in holders
+    }
+    unknown = read - _parameter_fields(module)
+    assert not unknown, f"{module}Widget reads parameters it does not declare: {sorted(unknown)}"
+    dynamic = [
+        ast.unparse(node)
+        for node in ast.walk(widget)
+        if isinstance(node, ast.Call)
+        and ast.unparse(node.func) in ("getattr", "setattr")
+        and node.args
+        and ast.unparse(node.args[0]) in holders
+    ]
+    assert not dynamic, f"parameters read by a computed name: {dynamic}"
+
+
+@pytest.mark.parametrize(("module", "task"), TASK_MODULES.items())
+def test_the_outputs_a_panel_asks_for_are_optional_outputs_of_its_task(module, task):
+    from deepmri.tasks import get_task
+
+    asked = _keywords_of_calls(_tree(module), "chosen_outputs") or set()
+    for call in ast.walk(_tree(module)):
+        if isinstance(call, ast.keyword) and call.arg == "wanted":
+            asked |= {
+                node.value
+                for node in ast.walk(call.value)
+                if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            }
+    optional = {spec.name for spec in get_task(task).outputs if spec.optional}
+    assert asked <= optional, f"{module} asks for outputs {task} does not offer: {asked - optional}"

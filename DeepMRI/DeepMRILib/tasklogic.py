@@ -487,7 +487,7 @@ def show_overlay(scene: Any, volume: Any | None, show: bool = True) -> None:
     display = volume.GetDisplayNode()
     if display is not None:
         display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
-        shown_range = _overlay_range(volume.GetAttribute(OUTPUT_ATTRIBUTE) or "")
+        shown_range = overlay_range(volume.GetAttribute(OUTPUT_ATTRIBUTE) or "")
         if shown_range is not None:
             low, high = shown_range
             display.AutoWindowLevelOff()
@@ -501,7 +501,7 @@ def show_overlay(scene: Any, volume: Any | None, show: bool = True) -> None:
         composite.SetForegroundOpacity(0.5)
 
 
-def _overlay_range(output: str) -> tuple[float, float] | None:
+def overlay_range(output: str) -> tuple[float, float] | None:
     """The values a map can take, by its output name: a probability 0-1; the segment task's
     uncertainty, a probability's standard deviation, 0-0.5. None for other maps."""
     if output.startswith("probability"):

@@ -150,6 +150,13 @@ def fill_table(
             table.selectRow(row_index)
 
 
+def chosen_outputs(**chosen: bool) -> list[str]:
+    """The optional outputs a panel's checkboxes ask for, by output name, in the order given:
+    `chosen_outputs(probability=True, uncertainty=False)` is ["probability"]. The panel passes
+    each field by name, so a misspelt field fails the module tests, not a user's click."""
+    return [output for output, on in chosen.items() if on]
+
+
 def is_empty_path(path: Any) -> bool:
     """True for a path widget left empty (the parameter node holds it as Path("."))."""
     return path is None or str(path) in ("", ".")

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from deepmri.errors import InvalidImageError
+
 
 @dataclass
 class SegmentationResult:
@@ -31,3 +33,30 @@ class SegmentationResult:
             info["name"]: float((array == info["value"]).sum()) * voxel_ml
             for info in self.label_info
         }
+
+    def masked(self, image: sitk.Image) -> sitk.Image:
+        """`image` with every voxel outside the labels set to 0, as SynthStrip's `-o` writes a
+        skull-stripped scan: same grid, pixel type and metadata, a new image (`image` is left
+        as it is). `image` is the scan these labels were made on, so the grids must match.
+
+        Examples:
+            >>> result = segment(scan, "brain-extraction")  # doctest: +SKIP
+            >>> sitk.WriteImage(result.masked(scan), "brain.nii.gz")  # doctest: +SKIP
+        """
+        if image.GetSize() != self.labels.GetSize() or not np.allclose(
+            np.array(image.GetOrigin() + image.GetSpacing() + image.GetDirection()),
+            np.array(
+                self.labels.GetOrigin() + self.labels.GetSpacing() + self.labels.GetDirection()
+            ),
+            atol=1e-4,
+        ):
+            raise InvalidImageError(
+                "The image to mask is not on the grid of the labels; give the scan that was "
+                "segmented."
+            )
+        inside = sitk.Cast(self.labels > 0, sitk.sitkUInt8)
+        inside.CopyInformation(image)
+        masked = sitk.Mask(image, inside, outsideValue=0)
+        for key in image.GetMetaDataKeys():
+            masked.SetMetaData(key, image.GetMetaData(key))
+        return masked

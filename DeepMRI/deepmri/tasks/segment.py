@@ -104,6 +104,13 @@ class SegmentTask(Task):
             many=True,
         ),
         OutputSpec("uncertainty", Kind.VOLUME, "test-time-flip uncertainty map", optional=True),
+        OutputSpec(
+            "stripped",
+            Kind.VOLUME,
+            "the input with every voxel outside the mask set to 0 (a skull-stripped scan, as "
+            "SynthStrip's -o writes it)",
+            optional=True,
+        ),
     )
 
     def run(
@@ -122,7 +129,10 @@ class SegmentTask(Task):
             cancel=context.cancel,
             store=context.store,
         )
-        return segmentation_to_task_result(result, self.name)
+        task_result = segmentation_to_task_result(result, self.name)
+        if context.wants("stripped"):
+            task_result.images["stripped"] = result.masked(inputs["image"])
+        return task_result
 
 
 def segmentation_to_task_result(result: SegmentationResult, task: str = "segment") -> TaskResult:
