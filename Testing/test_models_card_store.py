@@ -178,3 +178,16 @@ def test_store_lists_bundled_cache_and_extra_models(tmp_path):
     assert not (settings.model_cache / "tiny-cached").exists()
     with pytest.raises(ModelError, match="only cached"):
         store.remove("tiny-extra")
+
+
+@pytest.mark.parametrize(
+    "card_path", sorted(BUNDLED_MODELS_DIR.glob(f"*/{CARD_FILE}")), ids=lambda p: p.parent.name
+)
+def test_a_bundled_cards_training_command_lists_each_step_once(card_path):
+    # The chain of runs behind a model is how it is reproduced: a step listed twice (a run
+    # recorded once as it ran and again annotated by hand) would be run twice.
+    command = json.loads(card_path.read_text())["training"]["command"]
+    steps = [step.strip() for step in command.split(" && ")]
+    assert all(steps), f"an empty step in {card_path.parent.name}'s training command"
+    repeated = {step for step in steps if steps.count(step) > 1}
+    assert not repeated, f"listed more than once: {sorted(repeated)}"
