@@ -24,7 +24,7 @@ from deepmri.progress import CancelToken
 from deepmri.settings import Settings
 from deepmri.tasks import get_task
 from deepmri.tasks.base import RunContext, TaskError
-from deepmri.tasks.segment import postprocess_labels, segment
+from deepmri.tasks.segment import limit_csf_border, postprocess_labels, segment
 from monai.networks.nets import UNet
 
 
@@ -474,6 +474,20 @@ def test_csf_border_keeps_the_csf_within_its_millimetres_of_the_tight_brain(tmp_
     assert shell_voxels(whole) == (4, 4)
     assert shell_voxels(bordered) == (2, 1)
     assert ((bordered == 1) == (whole == 1)).all()  # the tight brain is untouched
+
+
+def test_a_csf_border_measured_from_a_core_keeps_the_tight_brain_and_less_csf():
+    # A ball of brain (radius 10 voxels, 1 mm) in a CSF shell out to radius 16; a border of 3 mm
+    # keeps the shell to radius 13 from the brain, or to radius 11 from a core of radius 8.
+    k, j, i = np.mgrid[:40, :40, :40] - 20
+    radius = np.sqrt(i**2 + j**2 + k**2)
+    labels = np.where(radius <= 10, 1, np.where(radius <= 16, 2, 0))
+    from_brain = limit_csf_border(labels, [1], (1.0, 1.0, 1.0), 3.0)
+    from_core = limit_csf_border(labels, [1], (1.0, 1.0, 1.0), 3.0, core=radius <= 8)
+    assert (from_brain[20, 20, 31:] == 2).sum() == 3 and (from_core[20, 20, 31:] == 2).sum() == 1
+    np.testing.assert_array_equal(from_core == 1, labels == 1)  # the brain itself is kept
+    empty = limit_csf_border(labels, [1], (1.0, 1.0, 1.0), 3.0, core=np.zeros_like(radius, bool))
+    np.testing.assert_array_equal(empty, from_brain)  # no core: measured from the brain
 
 
 def test_a_users_csf_border_replaces_the_cards_and_is_recorded(tmp_path):

@@ -317,14 +317,21 @@ def evaluate_brain(
         if tight_labels:  # the tight (--no-csf) brain, made from these labels as the task makes it
             tight = tight_brain(labels, tight_labels) > 0
             results[f"brain_dice_{name}_tight"] = dice(tight, reference)
+            # The same figures as the default mask's, to set the two conventions side by side.
+            results[f"brain_coverage_{name}_tight"] = coverage(tight, reference)
+            results[f"brain_leak3mm_ml_{name}_tight"] = leak_ml(
+                tight, reference, spacing, outside=outside
+            )
         for figure in ("dice", "coverage", "leak3mm_ml", "lowgap_mm"):
             key = f"brain_{figure}_{name}"
             row = "  ".join(
                 f"{prefix.rstrip('_') or 'model'} {results[prefix + key]:.4f}" for prefix in masks
             )
             print(f"{key}: {row}", flush=True)
-        if f"brain_dice_{name}_tight" in results:
-            print(f"brain_dice_{name}_tight: model {results[f'brain_dice_{name}_tight']:.4f}")
+        for figure in ("dice", "coverage", "leak3mm_ml"):
+            key = f"brain_{figure}_{name}_tight"
+            if key in results:
+                print(f"{key}: model {results[key]:.4f}")
         for prefix, mask in masks.items():
             parts = leak_where(mask, reference, outside, spacing)
             row = ", ".join(f"{where} {ml:.1f}" for where, ml in parts.items())

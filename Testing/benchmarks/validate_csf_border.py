@@ -92,7 +92,7 @@ def summarise(figures: dict[str, list[dict[str, float]]]) -> dict[str, float]:
 
 def network_grid_labels(
     model, recipe, sources, images: int, without_border: dict
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, None]]:
     """Per validation image on the network's grid: the labels after the card's steps but the
     border, and the target's labels."""
     network = model.load_network(device="cpu").eval()
@@ -104,7 +104,7 @@ def network_grid_labels(
             plain = torch.softmax(network(image[None]).float(), 1)
             mirrored = torch.softmax(network(image[None].flip(4)).float(), 1).flip(4)
         class_index = ((plain + mirrored) / 2).argmax(1)[0].numpy()
-        yield postprocess_labels(class_index, without_border, spacing), target[0].numpy()
+        yield postprocess_labels(class_index, without_border, spacing), target[0].numpy(), None
 
 
 def input_grid_labels(
@@ -112,15 +112,21 @@ def input_grid_labels(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The same seeds drawn at `input_spacing` and segmented by the task, as a user's scan is:
     per image the labels after the card's steps but the border (the task runs a copy of the
-    model folder with that card), and the target's labels."""
+    model folder with that card), the target's labels and the probability of the tight brain."""
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / model.path.name
         shutil.copytree(model.path, copy)
         (copy / "card.json").write_text(json.dumps(without_border, indent=2))
+        brain_name = next(
+            label["name"]
+            for label in without_border["labels"]
+            if label["value"] in without_border["tight_labels"]
+        )
         for index in range(images):
             scan, target = validation_scan(recipe, sources, index, input_spacing)
-            labels = sitk.GetArrayFromImage(segment(scan, str(copy), device="cpu").labels)
-            yield labels, target
+            result = segment(scan, str(copy), device="cpu", probabilities=True)
+            brain = sitk.GetArrayFromImage(result.probabilities[brain_name])
+            yield sitk.GetArrayFromImage(result.labels), target, brain
 
 
 def validation_scan(
@@ -147,6 +153,14 @@ def main() -> None:
         "--borders", type=float, nargs="+", default=[CSF_BORDER_MM], help="csf_border_mm values"
     )
     parser.add_argument(
+        "--core-thresholds",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also measure each border from the confident brain, P(brain) >= each value "
+        "(with --input-spacing)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (the last digit can move with it)"
     )
     parser.add_argument(
@@ -170,7 +184,15 @@ def main() -> None:
         "postprocessing": [step for step in card["postprocessing"] if step != "csf_border"]
     }
     without_border.pop("csf_border_mm", None)
-    borders = {"without": None} | {f"with_{b:g}mm": b for b in arguments.borders}
+    if arguments.core_thresholds and arguments.input_spacing is None:
+        parser.error("--core-thresholds needs --input-spacing (the task's probabilities)")
+    # name -> (border, core threshold): the border measured from P(brain) >= the threshold.
+    borders = {"without": (None, None)} | {f"with_{b:g}mm": (b, None) for b in arguments.borders}
+    borders |= {
+        f"with_{b:g}mm_core{t:g}": (b, t)
+        for b in arguments.borders
+        for t in arguments.core_thresholds
+    }
     if arguments.input_spacing is None:
         spacing = np.full(3, recipe.spacing)
         cases = network_grid_labels(model, recipe, sources, arguments.images, without_border)
@@ -183,16 +205,17 @@ def main() -> None:
     # training convention perfectly would score on each figure.
     figures: dict[str, list[dict[str, float]]] = {name: [] for name in ["target", *borders]}
     start = time.perf_counter()
-    for labels, target in cases:
+    for labels, target, brain in cases:
         reference, tight = target > 0, ndimage.binary_fill_holes(target == 1)
         figures["target"].append(mask_figures(reference, reference, tight, spacing))
-        for name, border in borders.items():
+        for name, (border, threshold) in borders.items():
             # The card's last step, as the task draws it (brain-extraction's label values are
             # its class indices, so one call serves the network's grid and the task's output).
+            core = None if threshold is None else brain >= threshold
             prediction = (
                 labels
                 if border is None
-                else limit_csf_border(labels, card["tight_labels"], spacing, border)
+                else limit_csf_border(labels, card["tight_labels"], spacing, border, core)
             )
             figures[name].append(mask_figures(prediction, reference, tight, spacing))
     results = summarise(figures)

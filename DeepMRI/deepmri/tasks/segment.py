@@ -516,7 +516,11 @@ def postprocess_labels(
 
 
 def limit_csf_border(
-    class_index: np.ndarray, tight: Sequence[int], spacing: Sequence[float], border_mm: float
+    class_index: np.ndarray,
+    tight: Sequence[int],
+    spacing: Sequence[float],
+    border_mm: float,
+    core: np.ndarray | None = None,
 ) -> np.ndarray:
     """Foreground that is not tight brain and lies farther than `border_mm` from it becomes 0.
 
@@ -524,11 +528,13 @@ def limit_csf_border(
     brain (`deepmri.train.labels.split_outer_csf`, the same `distance_outside_mm`); farther CSF is
     background. The network learns that border only to its own voxel size, so inference draws it
     in mm; the card's border is the one of best mask Dice on the synthetic validation set.
+    `core` (a boolean array), where given, is what the distance is measured from instead of the
+    tight brain (a confident part of it); the tight brain itself is kept either way.
     """
     brain = _fill_holes(np.isin(class_index, tight))
     if not brain.any():
         return class_index
-    distance = distance_outside_mm(brain, spacing)
+    distance = distance_outside_mm(brain if core is None or not core.any() else core, spacing)
     return np.where((class_index > 0) & ~brain & (distance > border_mm), 0, class_index)
 
 
