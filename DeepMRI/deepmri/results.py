@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepmri.errors import InvalidImageError
+from deepmri.geometry import same_geometry
 
 
 @dataclass
@@ -43,13 +44,7 @@ class SegmentationResult:
             >>> result = segment(scan, "brain-extraction")  # doctest: +SKIP
             >>> sitk.WriteImage(result.masked(scan), "brain.nii.gz")  # doctest: +SKIP
         """
-        if image.GetSize() != self.labels.GetSize() or not np.allclose(
-            np.array(image.GetOrigin() + image.GetSpacing() + image.GetDirection()),
-            np.array(
-                self.labels.GetOrigin() + self.labels.GetSpacing() + self.labels.GetDirection()
-            ),
-            atol=1e-4,
-        ):
+        if not same_geometry(image, self.labels, tolerance=1e-4):
             raise InvalidImageError(
                 "The image to mask is not on the grid of the labels; give the scan that was "
                 "segmented."
