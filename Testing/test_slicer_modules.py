@@ -331,11 +331,11 @@ def test_the_outputs_a_panel_asks_for_are_optional_outputs_of_its_task(module, t
     from deepmri.tasks import get_task
 
     asked = _keywords_of_calls(_tree(module), "chosen_outputs") or set()
-    for call in ast.walk(_tree(module)):
-        if isinstance(call, ast.keyword) and call.arg == "wanted":
+    for keyword in ast.walk(_tree(module)):
+        if isinstance(keyword, ast.keyword) and keyword.arg == "wanted":
             asked |= {
                 node.value
-                for node in ast.walk(call.value)
+                for node in ast.walk(keyword.value)
                 if isinstance(node, ast.Constant) and isinstance(node.value, str)
             }
     optional = {spec.name for spec in get_task(task).outputs if spec.optional}

@@ -6,9 +6,11 @@ background, as the training labels drop CSF beyond `CSF_BORDER_MM`. Scored on th
 recipe's own validation images (seeds 900000000+i, never trained on; no Colin27). For each
 border: Dice of the default mask (labels > 0) against the target's, the mask's volume farther
 than `CSF_BORDER_MM` from the target's tight brain (mL, the synthetic twin of the evaluation's
-leak figure) and the share of the target's tight brain inside the mask, and the mask's Dice against the target's
-tight brain (the twin of scoring a default mask against a tight reference); the first line,
-"target", scores the targets themselves so, a perfect network's figures. Every run takes the
+leak figure), the share of the target's tight brain inside the mask, and the mask's Dice
+against the target's tight brain (the twin of scoring a default mask against a tight reference,
+as the evaluation scores it against ch2bet). The first line, "target", scores the targets
+themselves: what a network that drew the convention perfectly would get. `--core-thresholds`
+adds each border measured from the confident brain, P(brain) >= t. Every run takes the
 card's other steps (largest component, filled holes) and its left-right mean. The card takes
 the border of best mask Dice. Last line: JSON.
 
@@ -109,7 +111,7 @@ def network_grid_labels(
 
 def input_grid_labels(
     model, recipe, sources, images: int, without_border: dict, input_spacing: float
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The same seeds drawn at `input_spacing` and segmented by the task, as a user's scan is:
     per image the labels after the card's steps but the border (the task runs a copy of the
     model folder with that card), the target's labels and the probability of the tight brain."""
