@@ -16,7 +16,9 @@
 # $OUT. Back here: `deepmri train segment ... --export-only` or deepmri.train.segment.export,
 # then the selection rule in Docs/training.md. Settings come from the environment: ITERATIONS,
 # MINUTES (wall-clock stop), LR, WARMUP, SEED, WORKERS, BIAS_MAX, MNI152_HEAD_SHARE (0.5, as
-# brain-extraction 1.8.0 was trained), DEVICE, PYTHON.
+# brain-extraction 1.8.0 was trained), DEVICE, PYTHON, INIT (the model folder to continue:
+# brain-extraction, the 2 mm network, by default; brain-extraction-fine is the 1.5 mm one) and
+# SPACING (the grid in mm; empty: the recipe's 2 mm, or give INIT's own grid, e.g. 1.5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOURCES=runs/gpu/sources-brain-extraction.npz
@@ -36,8 +38,9 @@ run)
         --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD/DeepMRI${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+    INIT=${INIT:-DeepMRI/Resources/Models/brain-extraction}
     "$PYTHON" -m deepmri train segment --model brain-extraction --out "$OUT/run" \
-        --sources "$SOURCES" --init-from DeepMRI/Resources/Models/brain-extraction \
+        --sources "$SOURCES" --init-from "$INIT" ${SPACING:+--spacing "$SPACING"} \
         --iterations "${ITERATIONS:-10000}" --minutes "${MINUTES:-7}" --lr "${LR:-2e-4}" \
         --warmup "${WARMUP:-100}" --validation-size 24 --validate-every 1000 \
         --bias-max "${BIAS_MAX:-1.0}" --mni152-head-share "${MNI152_HEAD_SHARE:-0.5}" --seed "${SEED:-40}" --device "${DEVICE:-cuda}" \
