@@ -37,7 +37,15 @@ def home(tmp_path, monkeypatch) -> Path:
 def cached_model(home: Path, model_id: str = "cli-tiny"):
     card = example_card(id=model_id, version="1.2.3", license="CC-BY-4.0")
     card["metrics"] = [
-        {"name": "Dice brain", "value": 0.93, "dataset": "MNI152", "command": "deepmri eval"}
+        {"name": "Dice brain", "value": 0.93, "dataset": "MNI152", "command": "deepmri eval"},
+        {
+            "name": "leak",
+            "value": 21.9,
+            "dataset": "Colin27",
+            "command": "deepmri eval",
+            "baseline": 0.06,
+            "peers": {"deepbet": 20.8, "robex": 16.9},
+        },
     ]
     torch.manual_seed(0)
     network = build_network(card["architecture"]["name"], card["architecture"]["config"])
@@ -104,7 +112,10 @@ def test_info_prints_the_card_with_its_metrics(home, capsys):
     code, out, _ = run_cli(capsys, "info", "cli-tiny")
     assert code == 0
     assert "cli-tiny 1.2.3 (segmentation)" in out
-    assert "Dice brain = 0.93 on MNI152" in out and "deepmri eval" in out
+    assert "Dice brain = 0.93 on MNI152" in out
+    # Each figure beside the tools a user could pick instead; the command once, not per figure.
+    assert "leak = 21.9 on Colin27  (beside: baseline 0.06, deepbet 20.8, robex 16.9)" in out
+    assert out.count("measured by: deepmri eval") == 1
     assert model.card.weights["sha256"] in out and "CC-BY-4.0" in out
     code, out, _ = run_cli(capsys, "info", "cli-tiny", "--json")
     assert json.loads(out) == model.card.to_dict()
@@ -226,3 +237,10 @@ def test_import_completes_the_card_from_options(home, capsys, tmp_path):
 
     code, _, err = run_cli(capsys, "import", str(source), "--labels", "Tumour")
     assert code == 2 and "VALUE:NAME" in err
+
+
+def test_the_models_panel_card_shows_each_figure_beside_the_peers(home):
+    models = pytest.importorskip("DeepMRILib.models")
+    page = models.card_html(cached_model(home).card.to_dict())
+    assert "leak = 21.9 (Colin27)<br/>beside: baseline 0.06, deepbet 20.8, robex 16.9" in page
+    assert page.count("<code>deepmri eval</code>") == 1

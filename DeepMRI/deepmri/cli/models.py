@@ -135,6 +135,8 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 
 def run_info(arguments: argparse.Namespace) -> int:
+    from deepmri.models import metric_comparison
+
     model = _store().get(arguments.model)
     card = model.card
     if arguments.json:
@@ -166,9 +168,12 @@ def run_info(arguments: argparse.Namespace) -> int:
     lines.append("  metrics:" if card.metrics else "  metrics:        none reported")
     for metric in card.metrics:
         line = f"    {metric['name']} = {metric['value']:g} on {metric['dataset']}"
-        if metric.get("command"):
-            line += f"  (measured by: {metric['command']})"
+        if comparison := metric_comparison(metric):
+            line += f"  (beside: {comparison})"
         lines.append(line)
+    # One line per command, not per figure: an evaluation writes many figures with one command.
+    commands = dict.fromkeys(m["command"] for m in card.metrics if m.get("command"))
+    lines += [f"    measured by: {command}" for command in commands]
     if card.training:
         lines.append(f"  training:       {json.dumps(card.training)}")
     lines += [

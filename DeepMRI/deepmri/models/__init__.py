@@ -3,7 +3,14 @@
 A model is a folder with `card.json` and its weights; see Docs/models.md for the card schema.
 """
 
-from deepmri.models.card import CARD_FILE, Label, ModelCard, example_card, sha256_of
+from deepmri.models.card import (
+    CARD_FILE,
+    Label,
+    ModelCard,
+    example_card,
+    metric_comparison,
+    sha256_of,
+)
 from deepmri.models.model import WEIGHTS_FILE, Model, save_model
 from deepmri.models.store import ModelInfo, ModelStore
 
@@ -16,6 +23,7 @@ __all__ = [
     "ModelInfo",
     "ModelStore",
     "example_card",
+    "metric_comparison",
     "save_model",
     "sha256_of",
 ]

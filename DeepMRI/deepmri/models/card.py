@@ -426,6 +426,28 @@ def _validate_metrics(metrics: Any) -> None:
             _require(metric, key, f"metrics[{index}].")
         if not isinstance(metric["value"], int | float):
             raise _fail(f"metrics[{index}].value", "a number", metric["value"])
+        for key in ("baseline", "after_brain_extraction"):
+            if key in metric and not isinstance(metric[key], int | float):
+                raise _fail(f"metrics[{index}].{key}", "a number", metric[key])
+        peers = metric.get("peers", {})
+        if not isinstance(peers, dict) or not all(
+            isinstance(value, int | float) for value in peers.values()
+        ):
+            raise _fail(f"metrics[{index}].peers", "an object of tool name: number", peers)
+
+
+def metric_comparison(metric: dict[str, Any]) -> str:
+    """What a card's metric was measured beside, as one line: "baseline (cubic B-spline) 0.81,
+    deepbet 0.936, robex 0.940" ("" when it stands alone). The evaluations write these keys
+    into the cards so that whoever reads a card sees the tools they could pick instead."""
+    parts = []
+    if "baseline" in metric:
+        method = metric.get("baseline_method")
+        parts.append(f"baseline{f' ({method})' if method else ''} {metric['baseline']:g}")
+    parts += [f"{name} {value:g}" for name, value in metric.get("peers", {}).items()]
+    if "after_brain_extraction" in metric:
+        parts.append(f"after the model's own brain extraction {metric['after_brain_extraction']:g}")
+    return ", ".join(parts)
 
 
 def example_card(**overrides: Any) -> dict[str, Any]:
