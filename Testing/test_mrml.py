@@ -353,3 +353,33 @@ def test_any_itk_transform_becomes_the_node_kind_that_holds_it(scene, oblique_im
     )
     with pytest.raises(mrml.MRMLConversionError, match="no image grid"):
         mrml.transform_node_from_transform(bspline, scene, "bspline")
+
+
+FIRST_SEGMENTATION_IN_3D = """
+import numpy as np, SimpleITK as sitk, slicer
+from DeepMRILib import mrml
+k, j, i = np.mgrid[:30, :30, :30] - 15
+ball = sitk.GetImageFromArray(((i**2 + j**2 + k**2) < 100).astype(np.uint8))
+node = mrml.segmentation_node_from_labels(
+    ball, [{"value": 1, "name": "Ball", "color": [1, 0, 0]}], slicer.vtkMRMLScene(), "ball"
+)
+print("surface", node.CreateClosedSurfaceRepresentation())
+"""
+
+
+def test_the_first_segmentation_of_a_fresh_process_can_be_shown_in_3d():
+    # A segmentation takes the converters registered when it is made; outside the desktop
+    # (slicer-core, scripts) they are registered by the module logic, which must come first.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    library = str(Path(mrml.__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_SEGMENTATION_IN_3D],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": library},
+    )
+    assert "surface True" in done.stdout, done.stdout + done.stderr

@@ -224,6 +224,12 @@ def segmentation_node_from_labels(
     labelmap = slicer.vtkMRMLLabelMapVolumeNode()  # temporary, never added to the scene
     set_node_geometry(labelmap, labels)
     slicer.util.updateVolumeFromArray(labelmap, _voxels_for_vtk(labels))
+    # The module logic registers the representation converters (labelmap -> closed surface)
+    # when it gets a scene, and a segmentation takes the converters there are when it is made:
+    # so the logic first, or the first segmentation of a process without the desktop's
+    # Segmentations module (slicer-core, scripts) can never show in 3D.
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
     segmentation_node = scene.AddNewNodeByClass(
         "vtkMRMLSegmentationNode", scene.GenerateUniqueName(name)
     )
@@ -231,8 +237,6 @@ def segmentation_node_from_labels(
         segmentation_node.CreateDefaultDisplayNodes()
         if reference_node is not None and reference_node.IsA("vtkMRMLVolumeNode"):
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
-        logic = slicer.vtkSlicerSegmentationsModuleLogic()
-        logic.SetMRMLScene(scene)
         if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
             raise MRMLConversionError(f"Slicer could not import the labels of '{name}'.")
         _name_segments(segmentation_node, label_info)
