@@ -424,3 +424,23 @@ def test_label_and_transform_inputs_are_read_from_their_nodes(scene, pair, backg
             assert outputs.nodes["masked"].GetName().startswith("T1 masked")
     finally:
         unregister_task("test-masked-mean")
+
+
+def test_show_centres_the_slice_views_and_the_3d_camera_on_what_was_segmented(scene, pair):
+    # A result off to one side of a large field of view is shown without searching for it.
+    fixed, moving = pair
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    camera = scene.AddNewNodeByClass("vtkMRMLCameraNode")
+    camera.SetPosition(0.0, 500.0, 0.0)
+    outputs = tasklogic.TaskLogic("test-difference", scene).run(
+        {"fixed": fixed, "moving": moving}, wanted=["changed"], show=True
+    )
+    labels = outputs.result.images["changed"]
+    inside = np.argwhere(sitk.GetArrayFromImage(labels) > 0)
+    middle = (inside.min(axis=0) + inside.max(axis=0)) / 2.0
+    x, y, z = labels.TransformContinuousIndexToPhysicalPoint(middle[::-1].tolist())
+    centre = [-x, -y, z]
+    slice_to_ras = red.GetSliceToRAS()
+    np.testing.assert_allclose([slice_to_ras.GetElement(i, 3) for i in range(3)], centre)
+    np.testing.assert_allclose(camera.GetFocalPoint(), centre)
+    np.testing.assert_allclose(np.subtract(camera.GetPosition(), centre), [0.0, 500.0, 0.0])

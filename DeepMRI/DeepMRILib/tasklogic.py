@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -451,7 +451,9 @@ class TaskLogic:
 
     def show(self, outputs: TaskOutputs) -> None:
         """Segmentations in 2D and 3D over the input; a new main volume (a synthetic image) as
-        the slice views' background, else the input; optional maps are left for the user."""
+        the slice views' background, else the input; optional maps are left for the user. The
+        slice views and the 3D view are centred on what was segmented (the first segmentation's
+        extent), else on the background volume, so the result is in view without searching."""
         background = outputs.reference_node
         optional = {spec.name for spec in self.task.outputs if spec.optional}
         for key, node in outputs.nodes.items():
@@ -471,6 +473,43 @@ class TaskLogic:
         if background is not None and background.IsA("vtkMRMLVolumeNode"):
             for composite in _nodes_of_class(self.scene, "vtkMRMLSliceCompositeNode"):
                 composite.SetBackgroundVolumeID(background.GetID())
+        centre = _segmented_centre(outputs.result, self.task) or _node_centre(background)
+        if centre is not None:
+            centre_views(self.scene, centre)
+
+
+def centre_views(scene: Any, centre_ras: Sequence[float]) -> None:
+    """Every slice view through `centre_ras` with it in the middle, every 3D camera moved (not
+    turned) to look at it: MRML only, so the desktop's views follow and headless scenes too."""
+    for slice_node in _nodes_of_class(scene, "vtkMRMLSliceNode"):
+        slice_node.JumpSliceByCentering(*centre_ras)
+    for camera in _nodes_of_class(scene, "vtkMRMLCameraNode"):
+        shift = np.subtract(centre_ras, camera.GetFocalPoint())
+        camera.SetPosition(*(np.add(camera.GetPosition(), shift)))
+        camera.SetFocalPoint(*centre_ras)
+
+
+def _segmented_centre(result: TaskResult, task: Task) -> list[float] | None:
+    """RAS centre of the extent of the first label output with any label, or None."""
+    for spec in task.outputs:
+        image = result.images.get(spec.name)
+        if spec.kind is not Kind.LABELS or not isinstance(image, sitk.Image):
+            continue
+        indices = np.argwhere(sitk.GetArrayViewFromImage(image) > 0)
+        if indices.size:
+            middle = (indices.min(axis=0) + indices.max(axis=0)) / 2.0  # (k, j, i)
+            x, y, z = image.TransformContinuousIndexToPhysicalPoint(middle[::-1].tolist())
+            return [-x, -y, z]  # SimpleITK's LPS to Slicer's RAS
+    return None
+
+
+def _node_centre(node: Any | None) -> list[float] | None:
+    """RAS centre of a volume node's bounds, or None."""
+    if node is None or not node.IsA("vtkMRMLVolumeNode"):
+        return None
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)
+    return [(bounds[2 * axis] + bounds[2 * axis + 1]) / 2 for axis in range(3)]
 
 
 def show_overlay(scene: Any, volume: Any | None, show: bool = True) -> None:
