@@ -91,6 +91,11 @@ def _ras_centre_and_lowest(mask_path: Path) -> tuple[np.ndarray, float]:
     """RAS centre of a mask's voxels and the RAS z of its lowest axial slice (LPS from ITK)."""
     mask = sitk.ReadImage(str(mask_path))
     indices = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]  # (i, j, k)
+    if not indices.size:
+        raise SystemExit(
+            f"{mask_path} is empty: the views are placed by a mask's voxels; give a --reference "
+            "mask (its outline is drawn) for a row whose labels are empty"
+        )
     points = np.array([mask.TransformIndexToPhysicalPoint(i.tolist()) for i in indices[::97]])
     lowest = mask.TransformIndexToPhysicalPoint(indices[indices[:, 2].argmin()].tolist())[2]
     centre = points.mean(axis=0) * np.array([-1.0, -1.0, 1.0])
