@@ -121,14 +121,19 @@ def test_every_ui_widget_the_code_uses_exists_in_the_ui_file(module):
     assert not missing, f"{module}.py uses widgets missing from its .ui: {sorted(missing)}"
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_bound_widgets_match_parameter_node_fields(module):
+def _parameter_fields(module: str) -> dict[str, str]:
+    """The parameter node's fields and their annotations, as the module declares them."""
     wrapper = _classes(_tree(module))[f"{module}ParameterNode"]
-    fields = {
+    return {
         statement.target.id: ast.unparse(statement.annotation)
         for statement in wrapper.body
         if isinstance(statement, ast.AnnAssign)
     }
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_bound_widgets_match_parameter_node_fields(module):
+    fields = _parameter_fields(module)
     bound = {}
     for widget in _ui(module).iter("widget"):
         for prop in widget.findall("property"):
@@ -296,11 +301,6 @@ def test_models_library_calls_fetch_and_import_with_arguments_they_accept(
     assert keywords <= set(inspect.signature(target).parameters)
 
 
-def _parameter_fields(module: str) -> set[str]:
-    wrapper = _classes(_tree(module))[f"{module}ParameterNode"]
-    return {s.target.id for s in wrapper.body if isinstance(s, ast.AnnAssign)}
-
-
 @pytest.mark.parametrize("module", MODULES)
 def test_panel_reads_only_parameter_node_fields_that_exist(module):
     # A misspelt field fails only when a user clicks in Slicer (the wrapper has no such
@@ -313,7 +313,7 @@ def test_panel_reads_only_parameter_node_fields_that_exist(module):
         for node in ast.walk(widget)
         if isinstance(node, ast.Attribute) and ast.unparse(node.value) in holders
     }
-    unknown = read - _parameter_fields(module)
+    unknown = read - set(_parameter_fields(module))
     assert not unknown, f"{module}Widget reads parameters it does not declare: {sorted(unknown)}"
     dynamic = [
         ast.unparse(node)
@@ -330,8 +330,9 @@ def test_panel_reads_only_parameter_node_fields_that_exist(module):
 def test_the_outputs_a_panel_asks_for_are_optional_outputs_of_its_task(module, task):
     from deepmri.tasks import get_task
 
-    asked = _keywords_of_calls(_tree(module), "chosen_outputs") or set()
-    for keyword in ast.walk(_tree(module)):
+    tree = _tree(module)
+    asked = _keywords_of_calls(tree, "chosen_outputs") or set()
+    for keyword in ast.walk(tree):
         if isinstance(keyword, ast.keyword) and keyword.arg == "wanted":
             asked |= {
                 node.value

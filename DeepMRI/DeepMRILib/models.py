@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from deepmri.models.card import metric_comparison
+from deepmri.models.card import measuring_commands, metric_comparison
 from deepmri.progress import CancelLike, ProgressCallback
 from deepmri.runconfig import PRECISIONS, RunConfig
 
@@ -324,8 +324,10 @@ def card_html(card: Mapping[str, Any]) -> str:
         for m in card.get("metrics", [])
     )
     parts.append(f"<p><b>Measured accuracy</b></p><ul>{metrics or '<li>-</li>'}</ul>")
-    commands = dict.fromkeys(m["command"] for m in card.get("metrics", []) if m.get("command"))
-    parts += [f"<p>Measured by <code>{escape(command)}</code></p>" for command in commands]
+    parts += [
+        f"<p>Measured by <code>{escape(command)}</code></p>"
+        for command in measuring_commands(card.get("metrics", []))
+    ]
     training = card.get("training", {})
     parts.append(f"<p><b>Training data</b>: {escape(training.get('data', 'not stated'))}</p>")
     parts.append(f"<p><b>Licence</b>: {escape(card.get('license', 'not stated'))}</p>")

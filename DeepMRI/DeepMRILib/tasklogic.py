@@ -498,8 +498,8 @@ def _segmented_centre(result: TaskResult, task: Task) -> list[float] | None:
         indices = np.argwhere(sitk.GetArrayViewFromImage(image) > 0)
         if indices.size:
             middle = (indices.min(axis=0) + indices.max(axis=0)) / 2.0  # (k, j, i)
-            x, y, z = image.TransformContinuousIndexToPhysicalPoint(middle[::-1].tolist())
-            return [-x, -y, z]  # SimpleITK's LPS to Slicer's RAS
+            lps = image.TransformContinuousIndexToPhysicalPoint(middle[::-1].tolist())
+            return (mrml.LPS_TO_RAS @ np.asarray(lps)).tolist()
     return None
 
 

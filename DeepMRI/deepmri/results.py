@@ -49,7 +49,7 @@ class SegmentationResult:
                 "The image to mask is not on the grid of the labels; give the scan that was "
                 "segmented."
             )
-        inside = sitk.Cast(self.labels > 0, sitk.sitkUInt8)
+        inside = self.labels > 0  # a uint8 image
         inside.CopyInformation(image)
         masked = sitk.Mask(image, inside, outsideValue=0)
         for key in image.GetMetaDataKeys():

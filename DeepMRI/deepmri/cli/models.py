@@ -135,7 +135,7 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 
 def run_info(arguments: argparse.Namespace) -> int:
-    from deepmri.models import metric_comparison
+    from deepmri.models import measuring_commands, metric_comparison
 
     model = _store().get(arguments.model)
     card = model.card
@@ -171,9 +171,7 @@ def run_info(arguments: argparse.Namespace) -> int:
         if comparison := metric_comparison(metric):
             line += f"  (beside: {comparison})"
         lines.append(line)
-    # One line per command, not per figure: an evaluation writes many figures with one command.
-    commands = dict.fromkeys(m["command"] for m in card.metrics if m.get("command"))
-    lines += [f"    measured by: {command}" for command in commands]
+    lines += [f"    measured by: {command}" for command in measuring_commands(card.metrics)]
     if card.training:
         lines.append(f"  training:       {json.dumps(card.training)}")
     lines += [

@@ -8,6 +8,7 @@ from deepmri.models.card import (
     Label,
     ModelCard,
     example_card,
+    measuring_commands,
     metric_comparison,
     sha256_of,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ModelInfo",
     "ModelStore",
     "example_card",
+    "measuring_commands",
     "metric_comparison",
     "save_model",
     "sha256_of",

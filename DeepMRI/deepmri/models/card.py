@@ -436,6 +436,12 @@ def _validate_metrics(metrics: Any) -> None:
             raise _fail(f"metrics[{index}].peers", "an object of tool name: number", peers)
 
 
+def measuring_commands(metrics: list[dict[str, Any]]) -> list[str]:
+    """The commands that measured a card's metrics, each once, in order: an evaluation writes
+    many figures with one command, and a listing names it once, not on every figure."""
+    return list(dict.fromkeys(m["command"] for m in metrics if m.get("command")))
+
+
 def metric_comparison(metric: dict[str, Any]) -> str:
     """What a card's metric was measured beside, as one line: "baseline (cubic B-spline) 0.81,
     deepbet 0.936, robex 0.940" ("" when it stands alone). The evaluations write these keys
